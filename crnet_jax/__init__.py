@@ -1,0 +1,1 @@
+"""crnet_jax: Res-CR-Net lung segmentation in JAX/Flax NNX."""

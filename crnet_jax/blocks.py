@@ -1,0 +1,84 @@
+"""Res-CR-Net residual blocks (STEM, CONV RES) and the head.
+
+A residual block has three parallel branches, one per (kernel, dilation) pair; each branch is
+SepConv(filters) -> BN -> LeakyReLU -> SepConv(filters). The branch outputs are concatenated in
+order (3 * filters channels) and added to the shortcut BN(Conv1x1(x)). There is no activation
+after the add. The STEM feeds the branches the raw input; a CONV RES block feeds them
+x0 = LeakyReLU(BN(x)) while its shortcut still reads the raw x.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from crnet_jax.config import ModelConfig
+from crnet_jax.layers import PointwiseConv, SeparableAtrousConv, batch_norm, leaky_relu
+
+
+def _dtypes(cfg: ModelConfig) -> dict:
+    return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
+
+
+def _bn(features: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return batch_norm(features, momentum=cfg.bn_momentum, epsilon=cfg.bn_epsilon, rngs=rngs, **_dtypes(cfg))
+
+
+class Branch(nnx.Module):
+    """SepConv(k, d) -> BN -> LeakyReLU -> SepConv(k, d): (B, H, W, Cin) -> (B, H, W, filters)."""
+
+    def __init__(self, in_features: int, kernel_size: int, dilation: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        sep = dict(kernel_size=kernel_size, dilation=dilation, impl=cfg.depthwise_impl, rngs=rngs, **_dtypes(cfg))
+        self.slope = cfg.leaky_slope
+        self.conv1 = SeparableAtrousConv(in_features, cfg.filters, **sep)
+        self.bn = _bn(cfg.filters, cfg, rngs)
+        self.conv2 = SeparableAtrousConv(cfg.filters, cfg.filters, **sep)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv2(leaky_relu(self.bn(self.conv1(x)), self.slope))
+
+
+class ResidualBlock(nnx.Module):
+    """STEM (preactivate=False) or CONV RES (preactivate=True) block.
+
+    Call: (B, H, W, Cin) -> (B, H, W, len(kernel_sizes) * filters).
+    """
+
+    def __init__(self, in_features: int, cfg: ModelConfig, *, preactivate: bool, rngs: nnx.Rngs):
+        out = cfg.block_channels
+        self.slope = cfg.leaky_slope
+        self.pre_bn = _bn(in_features, cfg, rngs) if preactivate else None
+        self.branches = nnx.List(
+            [Branch(in_features, k, d, cfg, rngs=rngs) for k, d in zip(cfg.kernel_sizes, cfg.dilations)]
+        )
+        self.shortcut_conv = PointwiseConv(in_features, out, rngs=rngs, **_dtypes(cfg))
+        self.shortcut_bn = _bn(out, cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x0 = x if self.pre_bn is None else leaky_relu(self.pre_bn(x), self.slope)
+        branches = jnp.concatenate([branch(x0) for branch in self.branches], axis=-1)
+        return self.shortcut_bn(self.shortcut_conv(x)) + branches
+
+
+def stem_block(in_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> ResidualBlock:
+    """The STEM: branches read the raw input."""
+    return ResidualBlock(in_features, cfg, preactivate=False, rngs=rngs)
+
+
+def conv_res_block(in_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> ResidualBlock:
+    """A CONV RES block: branches read LeakyReLU(BN(x)), the shortcut reads x."""
+    return ResidualBlock(in_features, cfg, preactivate=True, rngs=rngs)
+
+
+class Head(nnx.Module):
+    """Conv1x1(num_classes) -> LeakyReLU(0.1); the softmax is applied by the network.
+
+    Call: (B, H, W, C) -> (B, H, W, num_classes) pre-softmax scores.
+    """
+
+    def __init__(self, in_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.slope = cfg.leaky_slope
+        self.conv = PointwiseConv(in_features, cfg.num_classes, rngs=rngs, **_dtypes(cfg))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return leaky_relu(self.conv(x), self.slope)

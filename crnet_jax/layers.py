@@ -1,0 +1,109 @@
+"""Basic layers of Res-CR-Net with Keras semantics: separable atrous and 1x1 convolutions,
+BatchNorm with the authors' settings, spatial dropout, LeakyReLU."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from crnet_jax.depthwise import separable_conv2d
+
+
+def he_truncated_normal(fan_in: int) -> nnx.Initializer:
+    """Keras VarianceScaling(scale=2, mode='fan_in', distribution='truncated_normal') for a given fan in.
+
+    Keras counts the fan in of a depthwise kernel (k, k, Cin, 1) as k*k*Cin, which our (k, k, C)
+    layout would not reproduce with the generic rule, so the fan in is passed explicitly.
+    """
+    base = jax.nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal", in_axis=0, out_axis=1)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        # Draw as a (fan_in, n) matrix so that the generic rule sees the right fan in, then reshape.
+        size = 1
+        for s in shape:
+            size *= s
+        return base(key, (fan_in, size // fan_in), dtype).reshape(shape)
+
+    return init
+
+
+def leaky_relu(x: jax.Array, slope: float = 0.1) -> jax.Array:
+    """LeakyReLU with the authors' slope 0.1."""
+    return jnp.where(x >= 0, x, slope * x)
+
+
+class SeparableAtrousConv(nnx.Module):
+    """Keras SeparableConv2D: depthwise k x k, dilation d, depth multiplier 1, no bias, 'same'
+    zero padding; then pointwise 1 x 1 with bias.
+
+    Parameters: depthwise_kernel (k, k, Cin), pointwise_kernel (Cin, Cout), bias (Cout,).
+    Call: (B, H, W, Cin) -> (B, H, W, Cout).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int,
+        dilation: int,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.dtype = dtype
+        self.impl = impl
+        k = kernel_size
+        self.depthwise_kernel = nnx.Param(
+            he_truncated_normal(k * k * in_features)(rngs.params(), (k, k, in_features), param_dtype)
+        )
+        self.pointwise_kernel = nnx.Param(
+            he_truncated_normal(in_features)(rngs.params(), (in_features, out_features), param_dtype)
+        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return separable_conv2d(
+            x.astype(self.dtype),
+            self.depthwise_kernel[...].astype(self.dtype),
+            self.pointwise_kernel[...].astype(self.dtype),
+            self.bias[...].astype(self.dtype),
+            dilation=self.dilation,
+            impl=self.impl,
+        )
+
+
+class PointwiseConv(nnx.Module):
+    """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.kernel = nnx.Param(he_truncated_normal(in_features)(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
+
+
+def batch_norm(features: int, *, momentum: float, epsilon: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm over the channel axis with Keras' momentum convention (0.99) and epsilon (1e-3)."""
+    return nnx.BatchNorm(
+        features, momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+def spatial_dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
+    """Keras SpatialDropout2D: drops whole channels of a (B, H, W, C) map (one draw per image and channel)."""
+    return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
