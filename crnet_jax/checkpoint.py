@@ -18,7 +18,7 @@ STATE_DIR = "state"
 
 def model_state(model: nnx.Module) -> dict[str, Any]:
     """The model's Params and BatchStats as a nested dict of arrays."""
-    return nnx.state(model, (nnx.Param, nnx.BatchStat)).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
 
 
 def save_model(model: nnx.Module, directory: str | pathlib.Path, *, overwrite: bool = False) -> pathlib.Path:

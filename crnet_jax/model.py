@@ -18,9 +18,20 @@ from crnet_jax.layers import spatial_dropout
 
 
 def _apply(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
+    """Call a block; with remat its activations are recomputed in the backward pass
+    (`jax.checkpoint` over the block as a pure function of its state; BatchNorm statistic
+    updates are written back to the module afterwards)."""
     if not remat:
         return block(x)
-    return nnx.remat(lambda b, y: b(y))(block, x)
+    graphdef, state = nnx.split(block)
+
+    def pure(state, x):
+        b = nnx.merge(graphdef, state, copy=True)
+        return b(x), nnx.state(b)
+
+    y, new_state = jax.checkpoint(pure)(state, x)
+    nnx.update(block, new_state)
+    return y
 
 
 class ResCRNet(nnx.Module):

@@ -1,0 +1,158 @@
+"""Structure, parameter counts and behaviour of ResCRNet."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from crnet_jax.blocks import ResidualBlock
+from crnet_jax.config import ModelConfig, lung_config
+from crnet_jax.layers import he_truncated_normal, leaky_relu
+from crnet_jax.model import ResCRNet, count_parameters
+
+
+def test_lung_parameter_counts():
+    model = ResCRNet(lung_config(), rngs=nnx.Rngs(0))
+    assert count_parameters(model) == {"trainable": 58_309, "batch_stats": 1_632, "total": 59_941}
+
+
+def test_structure_of_lung_network():
+    model = ResCRNet(lung_config(), rngs=nnx.Rngs(0))
+    assert model.stem.pre_bn is None
+    assert len(model.conv_res) == 5 and all(b.pre_bn is not None for b in model.conv_res)
+    # dropout after the STEM and the first 4 CONV RES blocks, none after the 5th
+    assert len(model.dropouts) == 5
+    assert all(d.rate == 0.05 and tuple(d.broadcast_dims) == (1, 2) for d in model.dropouts)
+    assert [(br.conv1.kernel_size, br.conv1.dilation) for br in model.stem.branches] == [(3, 1), (5, 3), (7, 5)]
+    bn = model.stem.shortcut_bn
+    assert bn.momentum == 0.99 and bn.epsilon == 1e-3
+
+
+@pytest.mark.parametrize("shape", [(1, 17, 23, 1), (2, 32, 40, 1)])
+def test_any_size_gives_probabilities(shape):
+    model = ResCRNet(lung_config(num_conv_res=2), rngs=nnx.Rngs(1))
+    model.eval()
+    x = jax.random.uniform(jax.random.key(0), shape)
+    y = model(x)
+    chex.assert_shape(y, shape[:3] + (2,))
+    chex.assert_trees_all_close(y.sum(-1), jnp.ones(shape[:3]), atol=1e-5)
+    assert y.dtype == jnp.float32
+
+
+def _block_reference(block: ResidualBlock, x: np.ndarray) -> np.ndarray:
+    """The block written out in float64 NumPy from its weights (inference mode)."""
+
+    def bn(m, v):
+        return (v - np.asarray(m.mean[...])) / np.sqrt(np.asarray(m.var[...]) + m.epsilon) * np.asarray(m.scale[...]) + np.asarray(m.bias[...])
+
+    def sep(conv, v):
+        k, d = conv.kernel_size, conv.dilation
+        dw = np.asarray(conv.depthwise_kernel[...], np.float64)
+        p = d * (k // 2)
+        vp = np.pad(v, ((0, 0), (p, p), (p, p), (0, 0)))
+        out = np.zeros_like(v)
+        H, W = v.shape[1:3]
+        for u in range(k):
+            for w in range(k):
+                out += vp[:, u * d : u * d + H, w * d : w * d + W, :] * dw[u, w]
+        return out @ np.asarray(conv.pointwise_kernel[...], np.float64) + np.asarray(conv.bias[...])
+
+    lrelu = lambda v: np.where(v >= 0, v, 0.1 * v)  # noqa: E731
+    x0 = x if block.pre_bn is None else lrelu(bn(block.pre_bn, x))
+    branches = [sep(br.conv2, lrelu(bn(br.bn, sep(br.conv1, x0)))) for br in block.branches]
+    sc = x @ np.asarray(block.shortcut_conv.kernel[...], np.float64) + np.asarray(block.shortcut_conv.bias[...])
+    return bn(block.shortcut_bn, sc) + np.concatenate(branches, -1)
+
+
+@pytest.mark.parametrize("preactivate", [False, True])
+def test_block_matches_numpy_reference(preactivate):
+    cfg = lung_config()
+    cin = 48 if preactivate else 1
+    block = ResidualBlock(cin, cfg, preactivate=preactivate, rngs=nnx.Rngs(3))
+    # non-trivial BatchNorm statistics so that every term shows up
+    rng = np.random.default_rng(0)
+    for path, var in nnx.to_flat_state(nnx.state(block, nnx.BatchStat)):
+        var.set_value(jnp.asarray(rng.uniform(0.5, 1.5, var.shape) if path[-1] == "var" else rng.normal(0, 0.1, var.shape), jnp.float32))
+    block.eval()
+    x = rng.normal(size=(2, 13, 18, cin)).astype(np.float32)
+    got = np.asarray(block(jnp.asarray(x)))
+    want = _block_reference(block, x.astype(np.float64))
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_dropout_only_in_training():
+    model = ResCRNet(lung_config(num_conv_res=1, dropout_rate=0.5), rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
+    model.eval()
+    a, b = model(x), model(x)
+    chex.assert_trees_all_equal(a, b)
+    model.train()
+    c = model(x)
+    assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_batchnorm_updates_statistics_in_training_only():
+    model = ResCRNet(lung_config(num_conv_res=1), rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
+    model.eval()
+    model(x)
+    chex.assert_trees_all_equal(before, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    model.train()
+    model(x)
+    after = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    m0, m1 = before["stem"]["shortcut_bn"]["mean"], np.asarray(after["stem"]["shortcut_bn"]["mean"])
+    # Keras momentum convention: moving = 0.99 * moving + 0.01 * batch
+    assert np.abs(m1 - m0).max() > 0
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_remat_gives_same_values_gradients_and_statistics(training):
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 20, 1))
+    results = []
+    for remat in (False, True):
+        model = ResCRNet(lung_config(num_conv_res=2, remat=remat, dropout_rate=0.0), rngs=nnx.Rngs(0))
+        model.train() if training else model.eval()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p, rest):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            return jnp.mean(m(x)[..., 0] ** 2), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+
+        results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest))
+    chex.assert_trees_all_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = ResCRNet(lung_config(num_conv_res=1, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model.eval()
+    ref = ResCRNet(lung_config(num_conv_res=1), rngs=nnx.Rngs(0))
+    ref.eval()
+    for v in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        assert v.dtype == jnp.float32
+    x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 1))
+    y, y_ref = model(x), ref(x)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=5e-2)
+
+
+def test_he_truncated_normal_statistics():
+    # Keras: stddev = sqrt(2 / fan_in) / 0.8796, truncated at 2 stddev; fan_in = k*k*Cin for depthwise.
+    fan_in = 7 * 7 * 48
+    w = np.asarray(he_truncated_normal(fan_in)(jax.random.key(0), (7, 7, 48, 64)))
+    assert abs(w.std() - np.sqrt(2.0 / fan_in)) < 0.03 * np.sqrt(2.0 / fan_in)
+    assert np.abs(w).max() <= 2 * np.sqrt(2.0 / fan_in) / 0.87962566103423978 + 1e-6
+
+
+def test_leaky_relu_slope():
+    np.testing.assert_allclose(np.asarray(leaky_relu(jnp.array([-2.0, 0.0, 3.0]))), [-0.2, 0.0, 3.0])
+
+
+def test_config_round_trip_and_validation():
+    cfg = lung_config(dtype="bfloat16")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="odd"):
+        ModelConfig(kernel_sizes=(3, 4, 7))
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({"nope": 1})
