@@ -1,0 +1,76 @@
+"""Loader for the optional C++ XLA FFI extension `crnet_jax._depthwise_ffi`.
+
+The extension is compiled by `pip install` (setup.py, `optional=True`): when no C++
+compiler is available the install still succeeds and `available()` is False; callers
+then fall back to the pure-JAX implementation (see crnet_jax.depthwise).
+"""
+from __future__ import annotations
+
+import threading
+
+import jax
+
+ISA_NAMES = {0: "auto", 1: "baseline", 2: "avx2", 3: "avx512"}
+ISA_CODES = {"auto": 0, "best": 0, "baseline": 1, "base": 1, "sse2": 1, "avx2": 2, "avx512": 3}
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _load() -> dict:
+    with _lock:
+        if _state:
+            return _state
+        try:
+            from crnet_jax import _depthwise_ffi as mod  # compiled extension
+        except ImportError as e:  # not built (no compiler at install time) or broken
+            _state.update(ok=False, reason=f"crnet_jax._depthwise_ffi could not be imported ({e})")
+            return _state
+        try:
+            for name, capsule in mod.registrations().items():
+                jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)
+        except Exception as e:  # pragma: no cover - jax/jaxlib incompatibility
+            _state.update(ok=False, reason=f"registering the FFI targets failed ({type(e).__name__}: {e})")
+            return _state
+        try:
+            _self_test()
+        except Exception as e:  # e.g. extension built against an incompatible jaxlib
+            _state.update(ok=False, reason=f"the FFI self-test failed ({type(e).__name__}: {e})")
+            return _state
+        _state.update(ok=True, reason="", module=mod, best_isa=int(mod.best_isa()))
+        return _state
+
+
+def _self_test() -> None:
+    """Runs a tiny forward through XLA once, so an incompatible build is caught here
+    (and the caller falls back) rather than in the middle of a user's computation."""
+    import numpy as np
+
+    x = np.arange(2 * 3 * 4 * 16, dtype=np.float32).reshape(2, 3, 4, 16) / 100.0
+    w = np.linspace(-1.0, 1.0, 9 * 16, dtype=np.float32).reshape(1, 3, 3, 16)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = sum(xp[:, u : u + 3, v : v + 4, :] * w[0, u, v] for u in range(3) for v in range(3))
+    attrs = dict(dilation=np.int64(1), isa=np.int64(0), threads=np.int64(1))
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+        call = jax.ffi.ffi_call("crnet_depthwise_fwd", jax.ShapeDtypeStruct(x.shape, np.float32))
+        y = np.asarray(call(x, w, **attrs))
+    if not np.allclose(y, ref, rtol=1e-5, atol=1e-5):
+        raise RuntimeError("wrong result from the C++ kernel")
+
+
+def available() -> bool:
+    """True when the C++ CPU kernels are built and registered with XLA."""
+    return bool(_load()["ok"])
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    return _load()["reason"]
+
+
+def best_isa() -> str:
+    """Instruction set the kernels use on this CPU: 'avx512', 'avx2' or 'baseline'."""
+    st = _load()
+    if not st["ok"]:
+        raise RuntimeError(st["reason"])
+    return ISA_NAMES[st["best_isa"]]

@@ -1,0 +1,419 @@
+// XLA FFI handlers for the depthwise atrous convolution (CPU), and a tiny CPython
+// module `crnet_jax._depthwise_ffi` exposing them as PyCapsules for
+// jax.ffi.register_ffi_target.
+//
+// Targets (all float32, NHWC). Weights carry a leading group axis G that divides the
+// batch N: image n uses group n / (N / G) and weight gradients of group g sum over its
+// images (this is how vmap over the weights is served by a single call).
+//   crnet_depthwise_fwd  (x (N,H,W,C), w (G,k,k,C))            -> y (N,H,W,C)
+//   crnet_depthwise_bwd  (x, w, dy (N,H,W,C))                   -> dx (N,H,W,C), dw (G,k,k,C)
+//   crnet_separable_fwd  (x, wdw (G,k,k,C), wpw (G,C,Co), b (G,Co)) -> out (N,H,W,Co)
+//   crnet_separable_bwd  (x, wdw, wpw, dout (N,H,W,Co))
+//                          -> dx (N,H,W,C), dwdw (G,k,k,C), dwpw (G,C,Co), db (G,Co)
+// The separable targets fuse depthwise + pointwise + bias; the backward recomputes the
+// depthwise output and dout @ wpw^T on the fly instead of storing them, so the
+// C-channel intermediate never goes through main memory.
+// Attributes: dilation (i64), isa (i64: 0 best, 1 baseline, 2 AVX2, 3 AVX-512),
+//             threads (i64: 0 = all of XLA's intra-op pool).
+//
+// Threading: work is cut into (image, band of rows) units. The calling thread and up
+// to (pool size - 1) tasks scheduled on XLA's intra-op thread pool (ffi::ThreadPool)
+// claim units from an atomic counter; the caller only ever waits for units that
+// another thread has already started, so nothing can deadlock when the pool is busy
+// or absent. Kernel-gradient partial sums are per unit and reduced in a fixed order,
+// so results do not depend on the thread count or on scheduling.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "depthwise_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct ParallelState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  std::function<void(int64_t)> body;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+void drain(const std::shared_ptr<ParallelState>& st) {
+  for (;;) {
+    const int64_t u = st->next.fetch_add(1, std::memory_order_relaxed);
+    if (u >= st->total) return;
+    st->body(u);
+    if (st->done.fetch_add(1, std::memory_order_acq_rel) + 1 == st->total) {
+      std::lock_guard<std::mutex> lock(st->mu);
+      st->cv.notify_all();
+    }
+  }
+}
+
+// Runs body(0..total-1), on the calling thread plus up to `threads - 1` pool tasks.
+void parallel_for(ffi::ThreadPool& pool, int64_t threads, int64_t total,
+                  std::function<void(int64_t)> body) {
+  if (total <= 0) return;
+  int64_t helpers = std::min<int64_t>(threads - 1, total - 1);
+  if (helpers <= 0) {
+    for (int64_t u = 0; u < total; ++u) body(u);
+    return;
+  }
+  auto st = std::make_shared<ParallelState>();
+  st->total = total;
+  st->body = std::move(body);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([st] { drain(st); });
+  drain(st);
+  std::unique_lock<std::mutex> lock(st->mu);
+  st->cv.wait(lock, [&] { return st->done.load(std::memory_order_acquire) >= st->total; });
+}
+
+int64_t env_threads() {
+  static const int64_t n = [] {
+    const char* s = std::getenv("CRNET_DEPTHWISE_THREADS");
+    return s ? std::max<int64_t>(0, std::atoll(s)) : int64_t{0};
+  }();
+  return n;
+}
+
+int64_t num_threads(ffi::ThreadPool& pool, int64_t requested, double work) {
+  int64_t n = requested > 0 ? requested : env_threads();
+  if (n <= 0) n = std::max<int64_t>(1, pool.num_threads());
+  // Tiny problems: threading overhead (~10 us) is not worth it.
+  if (work < 2e5) n = 1;
+  return n;
+}
+
+ffi::Error check_common(ffi::Span<const int64_t> xd, int64_t k, int64_t C, int64_t G,
+                        int64_t dilation) {
+  if (xd.size() != 4) return ffi::Error::InvalidArgument("x must have rank 4 (N, H, W, C)");
+  if (dilation < 1) return ffi::Error::InvalidArgument("dilation must be >= 1");
+  if (k < 1 || k % 2 == 0 || k > 15)
+    return ffi::Error::InvalidArgument("kernel size must be odd and <= 15");
+  if (xd[3] != C) return ffi::Error::InvalidArgument("channel mismatch between x and kernel");
+  if (G < 1 || xd[0] % G != 0)
+    return ffi::Error::InvalidArgument("kernel groups must divide the batch");
+  return ffi::Error::Success();
+}
+
+ffi::Error check_kernel(ffi::Span<const int64_t> wd, const char* what) {
+  if (wd.size() != 4 || wd[1] != wd[2])
+    return ffi::Error::InvalidArgument(std::string(what) + " must have shape (G, k, k, C)");
+  return ffi::Error::Success();
+}
+
+// Non-temporal stores pay off only for outputs far bigger than the caches (measured in
+// XLA at 300x340x8: a win for the 157 MB 48-channel outputs, a loss for the 52 MB 16-channel
+// ones, whose freshly faulted pages are still partly cached), and need 64-byte aligned
+// rows of whole vectors. CRNET_DEPTHWISE_STREAM_MB sets the threshold (default 64).
+bool use_streaming(const void* out, int64_t elements, int64_t channels) {
+  static const int64_t threshold = [] {
+    const char* s = std::getenv("CRNET_DEPTHWISE_STREAM_MB");
+    return (s ? std::atoll(s) : int64_t{64}) << 20;
+  }();
+  return threshold >= 0 && elements * 4 >= threshold && channels % 16 == 0 &&
+         (reinterpret_cast<uintptr_t>(out) % 64) == 0;
+}
+
+struct Plan {
+  int isa;
+  int64_t threads, rows, bands;
+};
+
+// The (image, band) decomposition depends only on the shapes, never on the thread
+// count, so weight gradients (summed per unit, then in unit order) are bitwise the same
+// on every machine and for every CRNET_DEPTHWISE_THREADS.
+Plan make_plan(ffi::ThreadPool& pool, int64_t isa, int64_t threads, int64_t N, int64_t H,
+               double work, int64_t target_units) {
+  Plan p;
+  p.isa = crnet_dw::resolve_isa(static_cast<int>(isa));
+  p.threads = num_threads(pool, threads, work);
+  int64_t bands = (target_units + N - 1) / N;
+  bands = std::max<int64_t>(1, std::min<int64_t>(bands, (H + 31) / 32));
+  p.rows = (H + bands - 1) / bands;
+  p.bands = (H + p.rows - 1) / p.rows;
+  return p;
+}
+
+// Flip a (G, k, k, C) kernel in u and v.
+std::vector<float> flip_kernel(const float* w, int64_t G, int64_t k, int64_t C) {
+  std::vector<float> f(static_cast<size_t>(G * k * k * C));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t u = 0; u < k; ++u)
+      for (int64_t v = 0; v < k; ++v)
+        std::memcpy(&f[((g * k + u) * k + v) * C], w + ((g * k + (k - 1 - u)) * k + (k - 1 - v)) * C,
+                    sizeof(float) * C);
+  return f;
+}
+
+// Sum per-unit partials (units, n) into out (G, n): group g owns a contiguous range of
+// units. Fixed order, so the result does not depend on threading.
+void reduce_partials(const float* part, int64_t units, int64_t n, int64_t G, float* out) {
+  const int64_t per = units / G;
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = out + g * n;
+    std::fill(o, o + n, 0.f);
+    for (int64_t u = g * per; u < (g + 1) * per; ++u) {
+      const float* p = part + u * n;
+      for (int64_t t = 0; t < n; ++t) o[t] += p[t];
+    }
+  }
+}
+
+ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t dilation, int64_t isa,
+                   int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (auto e = check_kernel(wd, "kernel"); e.failure()) return e;
+  const int64_t G = wd[0], k = wd[1], C = wd[3];
+  if (auto e = check_common(xd, k, C, G, dilation); e.failure()) return e;
+  const int64_t N = xd[0], H = xd[1], W = xd[2];
+  const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * k * k, 32);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const bool nt = use_streaming(yp, N * H * W * C, C);
+  const int64_t per_group = N / G;
+  parallel_for(pool, pl.threads, N * pl.bands, [=](int64_t unit) {
+    const int64_t n = unit / pl.bands, b = unit % pl.bands;
+    const int64_t i0 = b * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    crnet_dw::fwd_band(pl.isa, xp + n * H * W * C, wp + (n / per_group) * k * k * C,
+                       yp + n * H * W * C, H, W, C, k, dilation, i0, i1, nt);
+    if (nt) crnet_dw::sfence();
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                   ffi::ResultBuffer<ffi::F32> dw, int64_t dilation, int64_t isa,
+                   int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto gd = dy.dimensions();
+  if (auto e = check_kernel(wd, "kernel"); e.failure()) return e;
+  const int64_t G = wd[0], k = wd[1], C = wd[3];
+  if (auto e = check_common(xd, k, C, G, dilation); e.failure()) return e;
+  if (gd.size() != 4 || !std::equal(xd.begin(), xd.end(), gd.begin()))
+    return ffi::Error::InvalidArgument("x and dy must have the same shape");
+  const int64_t N = xd[0], H = xd[1], W = xd[2];
+  const Plan pl = make_plan(pool, isa, threads, N, H, 2.0 * N * H * W * C * k * k, 32);
+  const int64_t kkc = k * k * C;
+  const int64_t units = N * pl.bands;
+  std::vector<float> part(static_cast<size_t>(units * kkc), 0.f);
+  std::vector<float> wflip = flip_kernel(w.typed_data(), G, k, C);
+  const float* xp = x.typed_data();
+  const float* gp = dy.typed_data();
+  const float* wf = wflip.data();
+  float* dxp = dx->typed_data();
+  float* pp = part.data();
+  const bool nt = use_streaming(dxp, N * H * W * C, C);
+  const int64_t per_group = N / G;
+  parallel_for(pool, pl.threads, units, [=](int64_t unit) {
+    const int64_t n = unit / pl.bands, b = unit % pl.bands;
+    const int64_t i0 = b * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    const int64_t off = n * H * W * C;
+    crnet_dw::bwd_band(pl.isa, xp + off, gp + off, wf + (n / per_group) * kkc, dxp + off,
+                       pp + unit * kkc, H, W, C, k, dilation, i0, i1, nt);
+    if (nt) crnet_dw::sfence();
+  });
+  reduce_partials(pp, units, kkc, G, dw->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wdw,
+                      ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> bias,
+                      ffi::ResultBuffer<ffi::F32> out, int64_t dilation, int64_t isa,
+                      int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = wdw.dimensions();
+  const auto pd = wpw.dimensions();
+  const auto bd = bias.dimensions();
+  if (auto e = check_kernel(wd, "depthwise kernel"); e.failure()) return e;
+  const int64_t G = wd[0], k = wd[1], C = wd[3];
+  if (auto e = check_common(xd, k, C, G, dilation); e.failure()) return e;
+  if (pd.size() != 3 || pd[0] != G || pd[1] != C)
+    return ffi::Error::InvalidArgument("pointwise kernel must have shape (G, C, Co)");
+  const int64_t Co = pd[2];
+  if (bd.size() != 2 || bd[0] != G || bd[1] != Co)
+    return ffi::Error::InvalidArgument("bias must have shape (G, Co)");
+  const int64_t N = xd[0], H = xd[1], W = xd[2];
+  const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * (k * k + Co), 32);
+  const float* xp = x.typed_data();
+  const float* wdp = wdw.typed_data();
+  const float* wpp = wpw.typed_data();
+  const float* bp = bias.typed_data();
+  float* op = out->typed_data();
+  const bool nt = use_streaming(op, N * H * W * Co, Co);
+  const int64_t per_group = N / G;
+  parallel_for(pool, pl.threads, N * pl.bands, [=](int64_t unit) {
+    const int64_t n = unit / pl.bands, b = unit % pl.bands, g = n / per_group;
+    const int64_t i0 = b * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    crnet_dw::sep_fwd_band(pl.isa, xp + n * H * W * C, wdp + g * k * k * C, wpp + g * C * Co,
+                           bp + g * Co, op + n * H * W * Co, H, W, C, Co, k, dilation, i0, i1,
+                           nt);
+    if (nt) crnet_dw::sfence();
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wdw,
+                      ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> dout,
+                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dwdw,
+                      ffi::ResultBuffer<ffi::F32> dwpw, ffi::ResultBuffer<ffi::F32> db,
+                      int64_t dilation, int64_t isa, int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = wdw.dimensions();
+  const auto pd = wpw.dimensions();
+  const auto od = dout.dimensions();
+  if (auto e = check_kernel(wd, "depthwise kernel"); e.failure()) return e;
+  const int64_t G = wd[0], k = wd[1], C = wd[3];
+  if (auto e = check_common(xd, k, C, G, dilation); e.failure()) return e;
+  if (pd.size() != 3 || pd[0] != G || pd[1] != C)
+    return ffi::Error::InvalidArgument("pointwise kernel must have shape (G, C, Co)");
+  const int64_t Co = pd[2];
+  const int64_t N = xd[0], H = xd[1], W = xd[2];
+  if (od.size() != 4 || od[0] != N || od[1] != H || od[2] != W || od[3] != Co)
+    return ffi::Error::InvalidArgument("dout must have shape (N, H, W, Co)");
+  // Fewer, taller bands here: each band recomputes k - 1 halo rows of dout @ wpw^T.
+  const Plan pl = make_plan(pool, isa, threads, N, H,
+                            double(N) * H * W * C * (3 * k * k + 2 * Co), 16);
+  const int64_t kkc = k * k * C, cco = C * Co;
+  const int64_t units = N * pl.bands;
+  std::vector<float> part_dw(static_cast<size_t>(units * kkc), 0.f);
+  std::vector<float> part_pw(static_cast<size_t>(units * cco), 0.f);
+  std::vector<float> part_b(static_cast<size_t>(units * Co), 0.f);
+  std::vector<float> wflip = flip_kernel(wdw.typed_data(), G, k, C);
+  std::vector<float> wpwT(static_cast<size_t>(G * cco));
+  const float* wpp = wpw.typed_data();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t o = 0; o < Co; ++o) wpwT[(g * Co + o) * C + c] = wpp[(g * C + c) * Co + o];
+  const float* xp = x.typed_data();
+  const float* wdp = wdw.typed_data();
+  const float* wfp = wflip.data();
+  const float* wtp = wpwT.data();
+  const float* gp = dout.typed_data();
+  float* dxp = dx->typed_data();
+  float* pdw = part_dw.data();
+  float* ppw = part_pw.data();
+  float* pb = part_b.data();
+  const bool nt = use_streaming(dxp, N * H * W * C, C);
+  const int64_t per_group = N / G;
+  parallel_for(pool, pl.threads, units, [=](int64_t unit) {
+    const int64_t n = unit / pl.bands, b = unit % pl.bands, g = n / per_group;
+    const int64_t i0 = b * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    crnet_dw::sep_bwd_band(pl.isa, xp + n * H * W * C, wdp + g * kkc, wfp + g * kkc,
+                           wtp + g * cco, gp + n * H * W * Co, dxp + n * H * W * C,
+                           pdw + unit * kkc, ppw + unit * cco, pb + unit * Co, H, W, C, Co, k,
+                           dilation, i0, i1, nt);
+    if (nt) crnet_dw::sfence();
+  });
+  reduce_partials(pdw, units, kkc, G, dwdw->typed_data());
+  reduce_partials(ppw, units, cco, G, dwpw->typed_data());
+  reduce_partials(pb, units, Co, G, db->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define CRNET_ATTRS .Attr<int64_t>("dilation").Attr<int64_t>("isa").Attr<int64_t>("threads")
+using F32Buf = ffi::Buffer<ffi::F32>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetDepthwiseFwd, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // w
+                                  .Ret<F32Buf>()  // y
+                                  CRNET_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetDepthwiseBwd, BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // w
+                                  .Arg<F32Buf>()  // dy
+                                  .Ret<F32Buf>()  // dx
+                                  .Ret<F32Buf>()  // dw
+                                  CRNET_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwd, SepFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // wdw
+                                  .Arg<F32Buf>()  // wpw
+                                  .Arg<F32Buf>()  // bias
+                                  .Ret<F32Buf>()  // out
+                                  CRNET_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwd, SepBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // wdw
+                                  .Arg<F32Buf>()  // wpw
+                                  .Arg<F32Buf>()  // dout
+                                  .Ret<F32Buf>()  // dx
+                                  .Ret<F32Buf>()  // dwdw
+                                  .Ret<F32Buf>()  // dwpw
+                                  .Ret<F32Buf>()  // db
+                                  CRNET_ATTRS);
+
+// ------------------------------------------------------------------------------------
+// Python module: registrations() -> {target name: PyCapsule}, best_isa() -> int.
+// ------------------------------------------------------------------------------------
+static PyObject* py_registrations(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (!d) return nullptr;
+  auto add = [&](const char* name, void* fn) {
+    PyObject* cap = PyCapsule_New(fn, nullptr, nullptr);
+    if (!cap) return false;
+    const int rc = PyDict_SetItemString(d, name, cap);
+    Py_DECREF(cap);
+    return rc == 0;
+  };
+  if (!add("crnet_depthwise_fwd", reinterpret_cast<void*>(CrnetDepthwiseFwd)) ||
+      !add("crnet_depthwise_bwd", reinterpret_cast<void*>(CrnetDepthwiseBwd)) ||
+      !add("crnet_separable_fwd", reinterpret_cast<void*>(CrnetSeparableFwd)) ||
+      !add("crnet_separable_bwd", reinterpret_cast<void*>(CrnetSeparableBwd))) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
+}
+
+static PyObject* py_best_isa(PyObject*, PyObject*) {
+  return PyLong_FromLong(crnet_dw::best_isa());
+}
+
+static PyMethodDef kMethods[] = {
+    {"registrations", py_registrations, METH_NOARGS,
+     "Dict of XLA FFI target name -> handler PyCapsule."},
+    {"best_isa", py_best_isa, METH_NOARGS,
+     "Best instruction set compiled in and supported: 1 baseline, 2 AVX2, 3 AVX-512."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_depthwise_ffi",
+                              "XLA FFI CPU kernels for depthwise atrous convolution.", -1,
+                              kMethods};
+
+PyMODINIT_FUNC PyInit__depthwise_ffi(void) { return PyModule_Create(&kModule); }

@@ -1,0 +1,438 @@
+"""Depthwise atrous convolution: every implementation against the XLA grouped-conv reference,
+in value and in both gradients, plus the fused separable convolution, vmap, dtypes, selection
+and the benchmark's smoke run."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crnet_jax import _ffi
+from crnet_jax import depthwise as dw
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+needs_ffi = pytest.mark.skipif(
+    not _ffi.available(), reason=f"C++ FFI extension not built: {_ffi.unavailable_reason()}"
+)
+
+
+def _isas() -> list[str]:
+    if not _ffi.available():
+        return []
+    order = ["baseline", "avx2", "avx512"]
+    return order[: order.index(_ffi.best_isa()) + 1]
+
+
+# (impl, isa): the pure-JAX fallback, and the C++ kernels on every instruction set this CPU runs.
+IMPLS = [pytest.param(("shift", None), id="shift")] + [
+    pytest.param(("ffi", isa), id=f"ffi-{isa}", marks=needs_ffi) for isa in ["baseline", "avx2", "avx512"]
+]
+
+
+def _conv(impl_isa, x, w, d):
+    impl, isa = impl_isa
+    if impl == "ffi":
+        if isa not in _isas():
+            pytest.skip(f"this CPU does not run {isa}")
+        return dw.depthwise_conv2d_ffi(x, w, d, isa=isa)
+    return dw.depthwise_conv2d(x, w, d, impl)
+
+
+def _ref(x, w, d):
+    return dw.depthwise_conv2d(x.astype(jnp.float32), w.astype(jnp.float32), d, "xla")
+
+
+def _rand(rng: np.random.Generator, shape, dtype=jnp.float32):
+    """Fresh standard-normal input (NumPy: no per-shape compilation as with jax.random)."""
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+
+
+def _close(actual, expected, tol, name=""):
+    """|a - e| <= tol * (max |e| + 1) elementwise, compared in float32."""
+    a = np.asarray(jnp.asarray(actual, jnp.float32))
+    e = np.asarray(jnp.asarray(expected, jnp.float32))
+    chex.assert_equal_shape([a, e])
+    scale = float(np.max(np.abs(e))) + 1.0 if e.size else 1.0
+    chex.assert_trees_all_close(a, e, atol=tol * scale, rtol=0.0, custom_message=name)
+
+
+def _value_and_grads(fn, x, w, d, ct):
+    y, vjp = jax.vjp(lambda x_, w_: fn(x_, w_, d), x, w)
+    gx, gw = vjp(ct.astype(y.dtype))
+    return y, gx, gw
+
+
+_xla_value_and_grads = jax.jit(lambda x, w, d, ct: _value_and_grads(_ref, x, w, d, ct), static_argnums=2)
+
+
+def _ref_value_and_grads(x, w, d, ct):
+    """Float64 NumPy reference: y, dx (as the scatter-transpose of the forward, not the
+    flipped-kernel trick the implementations use) and dw. Anchored to the XLA grouped
+    convolution by test_numpy_reference_matches_xla; compiles nothing, so the test run
+    stays short."""
+    x, w, ct = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, w, ct))
+    b, h, wd, c = x.shape
+    k = w.shape[0]
+    p = d * (k // 2)
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    y = np.zeros_like(x)
+    dxp = np.zeros_like(xp)
+    dw_ = np.zeros_like(w)
+    for u in range(k):
+        for v in range(k):
+            sl = (slice(None), slice(u * d, u * d + h), slice(v * d, v * d + wd), slice(None))
+            y += xp[sl] * w[u, v]
+            dxp[sl] += ct * w[u, v]
+            dw_[u, v] = np.sum(xp[sl] * ct, axis=(0, 1, 2))
+    return y, dxp[:, p : p + h, p : p + wd, :], dw_
+
+
+# (B, H, W, C, k, d): odd and even sizes, images smaller than the dilated kernel reach
+# (r*d = 1, 6, 15), batch 1 and 3, channels 1, 16, 48 and a few awkward ones.
+CASES = [
+    (1, 9, 10, 16, 3, 1),
+    (3, 8, 7, 48, 3, 1),
+    (3, 11, 12, 1, 3, 1),
+    (1, 2, 1, 16, 3, 1),
+    (1, 17, 20, 16, 5, 3),
+    (3, 10, 9, 1, 5, 3),
+    (1, 5, 4, 48, 5, 3),
+    (1, 34, 37, 48, 7, 5),
+    (3, 12, 13, 16, 7, 5),
+    (1, 9, 40, 1, 7, 5),
+    (3, 6, 31, 1, 7, 5),
+    (1, 7, 6, 20, 7, 5),
+    (2, 9, 11, 3, 3, 2),
+    (2, 7, 8, 33, 5, 1),
+]
+
+
+# The pure-JAX version compiles slowly (~0.5 s per case): a representative subset.
+SHIFT_CASES = [CASES[i] for i in (1, 3, 5, 7, 11, 12)]
+PAIRS = [pytest.param(impl.values[0], case, id=f"{impl.id}-" + "B{}H{}W{}C{}k{}d{}".format(*case), marks=impl.marks)
+         for impl in IMPLS for case in (SHIFT_CASES if impl.id == "shift" else CASES)]
+
+
+@pytest.mark.parametrize("impl,case", PAIRS)
+def test_matches_reference_f32(impl, case):
+    b, h, w_, c, k, d = case
+    kx = kw = kc = np.random.default_rng(hash(case) % 2**31)
+    x, w, ct = _rand(kx, (b, h, w_, c)), _rand(kw, (k, k, c)), _rand(kc, (b, h, w_, c))
+    ry, rgx, rgw = _ref_value_and_grads(x, w, d, ct)
+    y, gx, gw = jax.jit(lambda x, w, ct: _value_and_grads(lambda *a: _conv(impl, *a), x, w, d, ct))(x, w, ct)
+    assert y.dtype == jnp.float32 and gx.dtype == jnp.float32 and gw.dtype == jnp.float32
+    _close(y, ry, 1e-5, "y")
+    _close(gx, rgx, 1e-5, "dx")
+    _close(gw, rgw, 1e-5, "dw")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[7], CASES[9]], ids=lambda c: "B{}H{}W{}C{}k{}d{}".format(*c))
+def test_numpy_reference_matches_xla(case):
+    b, h, w_, c, k, d = case
+    kx = kw = kc = np.random.default_rng(1)
+    x, w, ct = _rand(kx, (b, h, w_, c)), _rand(kw, (k, k, c)), _rand(kc, (b, h, w_, c))
+    for got, want in zip(_ref_value_and_grads(x, w, d, ct), _xla_value_and_grads(x, w, d, ct)):
+        _close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("impl", [pytest.param(("shift", None), id="shift"), pytest.param(("ffi", None), id="ffi", marks=needs_ffi)])
+@pytest.mark.parametrize("c,k,d", [(16, 3, 1), (48, 7, 5), (1, 5, 3)])
+def test_bfloat16(impl, c, k, d):
+    if impl[0] == "shift" and c == 1:
+        pytest.skip("covered by the other shift cases (keeps the default run short)")
+    kx = kw = kc = np.random.default_rng(c * 100 + k)
+    x, w, ct = (_rand(kx, (2, 13, 14, c), jnp.bfloat16), _rand(kw, (k, k, c), jnp.bfloat16),
+                _rand(kc, (2, 13, 14, c), jnp.bfloat16))
+    ry, rgx, rgw = _ref_value_and_grads(x, w, d, ct)
+    fn = (lambda x, w, d: dw.depthwise_conv2d(x, w, d, impl[0]))
+    y, gx, gw = jax.jit(lambda x, w, ct: _value_and_grads(fn, x, w, d, ct))(x, w, ct)
+    assert y.dtype == jnp.bfloat16 and gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+    # inputs are exact in bf16, accumulation is float32: only the final rounding differs
+    _close(y, ry, 1e-2, "y")
+    _close(gx, rgx, 1e-2, "dx")
+    _close(gw, rgw, 1e-2, "dw")
+
+
+@pytest.mark.parametrize("impl", [pytest.param("shift"), pytest.param("ffi", marks=needs_ffi)])
+def test_vmap_over_input_and_kernel(impl):
+    k, d, c = (5, 3, 16) if impl == "ffi" else (3, 1, 16)
+    kx = kw = kc = np.random.default_rng(7)
+    x = _rand(kx, (3, 2, 11, 10, c))  # vmapped axis of 3 over a batch of 2
+    ws = _rand(kw, (3, k, k, c))
+    ct = _rand(kc, x.shape)
+
+    def loss(x, w, ct, fn):
+        return jnp.sum(fn(x, w, d) * ct)
+
+    fn = lambda x, w, d: dw.depthwise_conv2d(x, w, d, impl)
+    # shared kernel
+    got = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None, 0, None), out_axes=0), static_argnums=3)(x, ws[0], ct, fn)
+    ref_grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)
+    want = [ref_grad(x[i], ws[0], ct[i], _ref) for i in range(3)]
+    for i in range(3):
+        _close(got[0][i], want[i][0], 1e-5, "dx shared")
+        _close(got[1][i], want[i][1], 1e-5, "dw shared")
+    # per-example kernels, value and gradients
+    y = jax.jit(jax.vmap(lambda x, w: fn(x, w, d)))(x, ws)
+    got = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, 0, 0, None)), static_argnums=3)(x, ws, ct, fn)
+    for i in range(3):
+        _close(y[i], _ref(x[i], ws[i], d), 1e-5, "y per-example")
+        want = ref_grad(x[i], ws[i], ct[i], _ref)
+        _close(got[0][i], want[0], 1e-5, "dx per-example")
+        _close(got[1][i], want[1], 1e-5, "dw per-example")
+    # kernel mapped, input shared
+    y = jax.jit(jax.vmap(lambda w: fn(x[0], w, d)))(ws)
+    for i in range(3):
+        _close(y[i], _ref(x[0], ws[i], d), 1e-5, "y kernel-only")
+
+
+# ---------------------------------------------------------------------------------------
+# Separable convolution (fused C++ kernel for impl="ffi")
+# ---------------------------------------------------------------------------------------
+def _sep_ref(x, wd, wp, b, d):
+    return dw.separable_conv2d(x, wd, wp, b, d, "xla")
+
+
+def _np_sep(x, wd, wp, b, d, ct):
+    """Float64 NumPy separable convolution: (y, dx, d_depthwise, d_pointwise, d_bias) for cotangent ct."""
+    wp64 = np.asarray(wp, np.float64)
+    ydw, _, _ = _ref_value_and_grads(x, wd, d, np.zeros(np.shape(x), np.float32))
+    ct = np.asarray(jnp.asarray(ct, jnp.float32), np.float64)
+    y = ydw @ wp64 + (0.0 if b is None else np.asarray(b, np.float64))
+    g = ct @ wp64.T
+    _, dx, dwd = _ref_value_and_grads(x, wd, d, g)
+    dwp = np.einsum("bhwc,bhwo->co", ydw, ct)
+    return y, dx, dwd, dwp, ct.sum(axis=(0, 1, 2))
+
+SEP_CASES = [(2, 12, 11, 48, 16, 7, 5, True), (3, 8, 9, 1, 16, 5, 3, False), (1, 5, 6, 20, 12, 3, 2, True),
+             (1, 9, 10, 16, 16, 3, 1, True), (2, 33, 30, 16, 16, 7, 5, True)]
+
+
+@pytest.mark.parametrize(
+    "impl,b,h,w_,cin,cout,k,d,bias",
+    [pytest.param("ffi", *c, marks=needs_ffi) for c in SEP_CASES] + [pytest.param("shift", *SEP_CASES[i]) for i in (0, 1)],
+)
+def test_separable_matches_reference(impl, b, h, w_, cin, cout, k, d, bias):
+    keys = np.random.default_rng(b + h + cin + k)
+    x = _rand(keys, (b, h, w_, cin))
+    wd, wp = _rand(keys, (k, k, cin)), _rand(keys, (cin, cout)) / np.sqrt(cin)
+    bb = _rand(keys, (cout,)) if bias else None
+    ct = _rand(keys, (b, h, w_, cout))
+    args = (x, wd, wp) + ((bb,) if bias else ())
+
+    def run(fn):
+        def f(*a):
+            return fn(a[0], a[1], a[2], a[3] if bias else None, d)
+
+        y, vjp = jax.vjp(f, *args)
+        return (y,) + vjp(ct)
+
+    want = _np_sep(x, wd, wp, bb, d, ct)[: len(args) + 1]
+    got = jax.jit(lambda: run(lambda *a: dw.separable_conv2d(*a, impl=impl)))()
+    for name, g_, w_ref in zip(["y", "dx", "d_depthwise", "d_pointwise", "d_bias"], got, want):
+        _close(g_, w_ref, 1e-5, name)
+
+
+@needs_ffi
+def test_separable_vmap_and_bf16():
+    k, d, cin, cout = 3, 1, 16, 16
+    keys = np.random.default_rng(3)
+    x = _rand(keys, (2, 2, 9, 8, cin))
+    wd, wp, bb = _rand(keys, (2, k, k, cin)), _rand(keys, (2, cin, cout)) / 4, _rand(keys, (2, cout))
+
+    def loss(x, wd, wp, bb, impl):
+        return jnp.sum(jnp.sin(dw.separable_conv2d(x, wd, wp, bb, d, impl)))
+
+    got = jax.jit(jax.vmap(jax.grad(lambda *a: loss(*a, "ffi"), argnums=(0, 1, 2, 3))))(x, wd, wp, bb)
+    for i in range(2):
+        y = _np_sep(x[i], wd[i], wp[i], bb[i], d, np.zeros((2, 9, 8, cout), np.float32))[0]
+        want = _np_sep(x[i], wd[i], wp[i], bb[i], d, np.cos(y).astype(np.float32))[1:]
+        for g_, w_ in zip(got, want):
+            _close(g_[i], w_, 1e-5)
+    # shared weights under vmap
+    got = jax.jit(jax.vmap(lambda x: dw.separable_conv2d(x, wd[0], wp[0], bb[0], d, "ffi")))(x)
+    for i in range(2):
+        _close(got[i], _np_sep(x[i], wd[0], wp[0], bb[0], d, np.zeros((2, 9, 8, cout), np.float32))[0], 1e-5)
+    # bfloat16 in, bfloat16 out, float32 inside
+    xb = x[0].astype(jnp.bfloat16)
+    yb = dw.separable_conv2d(xb, wd[0].astype(jnp.bfloat16), wp[0].astype(jnp.bfloat16), bb[0].astype(jnp.bfloat16), d, "ffi")
+    assert yb.dtype == jnp.bfloat16
+    r = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    _close(yb, _np_sep(r(xb), r(wd[0]), r(wp[0]), r(bb[0]), d, np.zeros((2, 9, 8, cout), np.float32))[0], 1e-2)
+
+
+# ---------------------------------------------------------------------------------------
+# Threads, determinism, selection, errors
+# ---------------------------------------------------------------------------------------
+@needs_ffi
+def test_ffi_threads_deterministic():
+    """Weight gradients are bitwise identical whatever the thread count (big enough to thread)."""
+    k, d, c = 7, 5, 16
+    kx = kw = kc = np.random.default_rng(11)
+    x, w, ct = _rand(kx, (2, 70, 64, c)), _rand(kw, (k, k, c)), _rand(kc, (2, 70, 64, c))
+    outs = []
+    for threads in (1, 2, 3):
+        f = jax.jit(lambda x, w, ct: _value_and_grads(lambda *a: dw.depthwise_conv2d_ffi(*a, threads=threads), x, w, d, ct))
+        outs.append([np.asarray(o) for o in f(x, w, ct)])
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            np.testing.assert_array_equal(a, b)
+    _close(outs[0][2], _ref_value_and_grads(x, w, d, ct)[2], 1e-5)
+
+
+@needs_ffi
+def test_ffi_batch_sharded_runs_locally():
+    """With the batch sharded over devices (data parallelism), every device runs the C++
+    kernels on its own images (no all-gather) and the weight gradients are summed."""
+    n = min(jax.device_count(), 4)
+    if n < 2:
+        pytest.skip("needs several devices (conftest sets --xla_force_host_platform_device_count=4)")
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    keys = np.random.default_rng(9)
+    x = _rand(keys, (2 * n, 12, 11, 16))
+    wd, wp = _rand(keys, (5, 5, 16)), _rand(keys, (16, 16)) / 4
+    bb = jnp.zeros((16,))
+    data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    def loss(x, wd, wp, bb, impl):
+        return jnp.sum(jnp.sin(dw.separable_conv2d(x, wd, wp, bb, 3, impl))) + jnp.sum(dw.depthwise_conv2d(x, wd, 3, impl) ** 2)
+
+    f = jax.jit(jax.value_and_grad(lambda *a: loss(*a, "ffi"), argnums=(0, 1, 2, 3)), in_shardings=(data, rep, rep, rep))
+    got = f(jax.device_put(x, data), wd, wp, bb)
+    want = jax.jit(jax.value_and_grad(lambda *a: loss(*a, "xla"), argnums=(0, 1, 2, 3)))(x, wd, wp, bb)
+    _close(got[0], want[0], 1e-5, "loss")
+    for g_, w_ in zip(got[1], want[1]):
+        _close(g_, w_, 1e-5)
+    hlo = f.lower(jax.device_put(x, data), wd, wp, bb).compile().as_text()
+    assert "all-gather(" not in hlo
+    assert f"f32[2,12,11,16]{{3,2,1,0}} custom-call(" in hlo  # local batch of 2 per device
+
+
+def test_default_implementation(monkeypatch):
+    monkeypatch.delenv("CRNET_DEPTHWISE_IMPL", raising=False)
+    impl = dw.default_implementation("cpu")
+    assert impl == ("ffi" if _ffi.available() else "shift")
+    assert dw.default_implementation("gpu") == "shift"
+    monkeypatch.setenv("CRNET_DEPTHWISE_IMPL", "xla")
+    assert dw.default_implementation() == "xla"
+    monkeypatch.setenv("CRNET_DEPTHWISE_IMPL", "nope")
+    with pytest.raises(ValueError):
+        dw.default_implementation()
+    assert set(dw.IMPLEMENTATIONS) == {"xla", "shift", "ffi"}
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.delenv("CRNET_DEPTHWISE_IMPL", raising=False)
+    _ffi._load()
+    monkeypatch.setattr(_ffi, "_state", {"ok": False, "reason": "pretend it was not built"})
+    monkeypatch.setattr(dw, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="pretend it was not built"):
+        assert dw.default_implementation("cpu") == "shift"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dw.default_implementation("cpu") == "shift"
+    with pytest.raises(RuntimeError, match="pretend it was not built"):
+        dw.depthwise_conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2)), 1, "ffi")
+
+
+def test_bad_arguments():
+    x = jnp.ones((1, 6, 6, 4))
+    with pytest.raises(ValueError):
+        dw.depthwise_conv2d(x, jnp.ones((4, 4, 4)), 1, "shift")  # even kernel
+    with pytest.raises(ValueError):
+        dw.depthwise_conv2d(x, jnp.ones((3, 3, 5)), 1, "shift")  # channel mismatch
+    with pytest.raises(ValueError):
+        dw.depthwise_conv2d(x, jnp.ones((3, 3, 4)), 0, "shift")  # dilation
+    with pytest.raises(ValueError):
+        dw.depthwise_conv2d(x, jnp.ones((3, 3, 4)), 1, "bogus")
+
+
+def test_auto_matches_reference():
+    x = _rand(np.random.default_rng(0), (2, 10, 9, 16))
+    w = _rand(np.random.default_rng(1), (5, 5, 16))
+    _close(jax.jit(lambda x, w: dw.depthwise_conv2d(x, w, 3))(x, w), _ref(x, w, 3), 1e-5)
+    pw, b = _rand(np.random.default_rng(2), (16, 16)), _rand(np.random.default_rng(3), (16,))
+    _close(jax.jit(lambda x: dw.separable_conv2d(x, w, pw, b, 3))(x), _sep_ref(x, w, pw, b, 3), 1e-5)
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_depthwise.py"), "--smoke", "--combos", "16:5:3",
+         "--results", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "Depthwise" in text and "| dw:shift | fwd+bwd |" in text and "| dw:xla | fwd |" in text
+    if _ffi.available():
+        assert "| sep:ffi | fwd+bwd |" in text
+
+
+# ---------------------------------------------------------------------------------------
+# Slow: network-sized shapes
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_ffi
+@pytest.mark.parametrize("c,k,d", [(1, 3, 1), (16, 5, 3), (48, 7, 5), (48, 3, 1)])
+def test_full_size_ffi_vs_shift(c, k, d):
+    """300 x 340, batch 2: the C++ kernels against the (independently written) shift version."""
+    kx = kw = kc = np.random.default_rng(c + k)
+    x, w, ct = _rand(kx, (2, 300, 340, c)), _rand(kw, (k, k, c)), _rand(kc, (2, 300, 340, c))
+    want = jax.jit(lambda x, w, ct: _value_and_grads(lambda *a: dw.depthwise_conv2d(*a, impl="shift"), x, w, d, ct))(x, w, ct)
+    got = jax.jit(lambda x, w, ct: _value_and_grads(lambda *a: dw.depthwise_conv2d(*a, impl="ffi"), x, w, d, ct))(x, w, ct)
+    for name, g_, w_ in zip(["y", "dx", "dw"], got, want):
+        _close(g_, w_, 1e-4, name)  # float32 sums over 2e5 pixels on both sides
+
+
+@pytest.mark.slow
+@needs_ffi
+@pytest.mark.parametrize("cin,k,d", [(48, 7, 5), (16, 3, 1), (1, 5, 3)])
+def test_full_size_separable(cin, k, d):
+    keys = np.random.default_rng(cin + k)
+    x = _rand(keys, (2, 300, 340, cin))
+    wd, wp, bb = _rand(keys, (k, k, cin)), _rand(keys, (cin, 16)) / np.sqrt(cin), _rand(keys, (16,))
+    ct = _rand(keys, (2, 300, 340, 16))
+
+    def run(impl):
+        y, vjp = jax.vjp(lambda *a: dw.separable_conv2d(*a, d, impl), x, wd, wp, bb)
+        return (y,) + vjp(ct)
+
+    got, want = jax.jit(lambda: run("ffi"))(), jax.jit(lambda: run("shift"))()
+    for g_, w_ in zip(got, want):
+        _close(g_, w_, 1e-4)  # float32 sums over 2e5 pixels on both sides
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k,d", [(3, 1), (5, 3), (7, 5)])
+def test_medium_size_all_vs_xla(k, d):
+    """64 x 80 x 48, batch 2: every implementation against the grouped convolution."""
+    kx = kw = kc = np.random.default_rng(k)
+    x, w, ct = _rand(kx, (2, 64, 80, 48)), _rand(kw, (k, k, 48)), _rand(kc, (2, 64, 80, 48))
+    want = _xla_value_and_grads(x, w, d, ct)
+    impls = ["shift"] + (["ffi"] if _ffi.available() else [])
+    for impl in impls:
+        got = jax.jit(lambda x, w, ct: _value_and_grads(lambda *a: dw.depthwise_conv2d(*a, impl=impl), x, w, d, ct))(x, w, ct)
+        for name, g_, w_ in zip(["y", "dx", "dw"], got, want):
+            _close(g_, w_, 2e-5, f"{impl} {name}")
+
+
+def test_shift_kernel_grad_variants_agree():
+    """The GPU/TPU kernel-gradient variant of "shift" (k*k reductions) equals the CPU one."""
+    kx = kg = np.random.default_rng(5)
+    x, g = _rand(kx, (2, 9, 11, 5)), _rand(kg, (2, 9, 11, 5))
+    k, d = 5, 3
+    _close(jax.jit(lambda x, g: dw._shift_kgrad_blocked(x, g, k, d))(x, g),
+           jax.jit(lambda x, g: dw._shift_kgrad_unrolled(x, g, k, d))(x, g), 1e-5)
