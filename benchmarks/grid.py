@@ -58,6 +58,8 @@ def run_grid(args, mode: str, title: str, notes: str = "") -> list[dict[str, Any
                      "--batch", str(b), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json"],
                     python=peer_py,
                 )
+                if "median_s_per_step" in peer:
+                    peer.setdefault("median_s", peer["median_s_per_step"])
                 results.append(peer)
                 rows.append(_row(peer, "keras peer", h, w, b, "float32", "-", "-", None))
         for dtype, impl, remat in itertools.product(args.dtypes.split(","), args.impls.split(","), remats):
