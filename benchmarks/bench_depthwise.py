@@ -36,7 +36,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import shlex
 import subprocess
 import sys
@@ -46,16 +45,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "RESULTS.md"
 COMBOS = [(c, k, d) for c in (1, 16, 48) for (k, d) in ((3, 1), (5, 3), (7, 5))]
 COUT = 16
-
-
-def _cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> str:
@@ -121,6 +110,7 @@ def run(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    from benchmarks import common  # the repo root is on sys.path (main)
     from crnet_jax import _ffi
     from crnet_jax import depthwise as dw
 
@@ -213,6 +203,7 @@ def _machine(args) -> str:
     import jax
     import jaxlib
 
+    from benchmarks import common  # the repo root is on sys.path (main)
     from crnet_jax import _ffi
 
     isa = _ffi.best_isa() if _ffi.available() else f"not built ({_ffi.unavailable_reason()})"
@@ -220,7 +211,7 @@ def _machine(args) -> str:
     return "\n".join([
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- command: `{' '.join(shlex.quote(a) for a in [pathlib.Path(sys.executable).name] + sys.argv)}`",
-        f"- CPU: {_cpu_model()} ({_cpu_flags()}), {os.cpu_count()} logical cores, load average {load[0]:.1f} at the end",
+        f"- CPU: {common.cpu_model()} ({_cpu_flags()}), {os.cpu_count()} logical cores, load average {load[0]:.1f} at the end",
         f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, backend {jax.default_backend()}, ffi kernels: {isa}",
         f"- shape: batch {args.batch}, {args.height} x {args.width}, pointwise to {COUT}; median of {args.reps} timed "
         f"rounds (1 for calls slower than {args.slow_seconds} s)",

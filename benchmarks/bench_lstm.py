@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -160,20 +159,12 @@ def rss_child(case: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine_line(impl: str) -> str:
     import jax
 
     from crnet_jax import depthwise
+
+    from benchmarks import common  # the repo root is on sys.path (main)
 
     resolved = depthwise.default_implementation() if impl == "auto" else impl
     dev = jax.devices()[0]
@@ -183,7 +174,7 @@ def machine_line(impl: str) -> str:
         affinity = os.cpu_count()
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     return (
-        f"{cpu_model()}, {os.cpu_count()} cores ({affinity} usable), jax {jax.__version__} ({dev.platform}), "
+        f"{common.cpu_model()}, {os.cpu_count()} cores ({affinity} usable), jax {jax.__version__} ({dev.platform}), "
         f"depthwise impl {impl!r} -> {resolved!r}, load average {load}"
     )
 
