@@ -55,7 +55,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Container, Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -187,6 +187,18 @@ def _find_dirs(root: pathlib.Path, name: str) -> list[pathlib.Path]:
 
 def _files(folder: pathlib.Path, suffixes: Sequence[str]) -> list[pathlib.Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
+
+
+def _note_orphan_masks(report: BuildReport, masks: Iterable[pathlib.Path], image_keys: Container[str],
+                       image_key_of: Callable[[pathlib.Path], str], where: str = "") -> None:
+    """Note (``orphan_mask``) each mask, in the given order, whose image key is not in ``image_keys``.
+
+    ``image_key_of`` maps a mask path to the key of the image it belongs to (e.g. its file name or
+    stem); ``where`` is added after "mask without an image" in the note (e.g. ``" in <folder>"``).
+    Such masks are ignored by the build."""
+    for mask in masks:
+        if image_key_of(mask) not in image_keys:
+            report.note("orphan_mask", f"{mask}: mask without an image{where}; ignored")
 
 
 def _finding_from_digit(pid: str, detail: str) -> tuple[str, str]:
@@ -452,9 +464,7 @@ class MontgomeryCxr(_CxrBuilder):
         names = {p.name for p in _files(cxr, (".png",))}
         for d in (left, right):
             if d.exists():
-                for m in _files(d, (".png",)):
-                    if m.name not in names:
-                        report.note("orphan_mask", f"{m}: mask without an image in {cxr}; ignored")
+                _note_orphan_masks(report, _files(d, (".png",)), names, lambda m: m.name, where=f" in {cxr}")
         return items
 
 
@@ -492,9 +502,8 @@ class ShenzhenCxr(_CxrBuilder):
             items.append(Item(pid, p, [mask_dir / f"{pid}_mask.png"], pid, "shenzhen", finding, detail))
         stems = {p.stem for p in images}
         if mask_dir.exists():
-            for m in sorted(mask_dir.glob("*_mask.png")):
-                if m.name[: -len("_mask.png")] not in stems:
-                    report.note("orphan_mask", f"{m}: mask without an image in {cxr}; ignored")
+            _note_orphan_masks(report, sorted(mask_dir.glob("*_mask.png")), stems, lambda m: m.name[: -len("_mask.png")],
+                               where=f" in {cxr}")
         return items
 
 
@@ -616,9 +625,7 @@ class V7CovidLungs(_CxrBuilder):
             items.append(Item(p.stem, p, [mask_dir / f"{p.stem}.png"], pid, "v7-darwin", label_value=lung_value))
         stems = {p.stem for p in images}
         if mask_dir.exists():
-            for m in _files(mask_dir, (".png",)):
-                if m.stem not in stems:
-                    report.note("orphan_mask", f"{m}: mask without an image; ignored")
+            _note_orphan_masks(report, _files(mask_dir, (".png",)), stems, lambda m: m.stem)
         return items
 
 
@@ -675,9 +682,8 @@ class CxrFolder(_CxrBuilder):
                               row.get("source") or root.name, finding, detail))
         stems = {p.stem for p in files}
         if mask_dir.exists():
-            for m in sorted(mask_dir.iterdir()):
-                if m.is_file() and m.stem not in stems and m.suffix.lower() in readers.RASTER_SUFFIXES:
-                    report.note("orphan_mask", f"{m}: mask without an image; ignored")
+            raster_masks = [m for m in sorted(mask_dir.iterdir()) if m.is_file() and m.suffix.lower() in readers.RASTER_SUFFIXES]
+            _note_orphan_masks(report, raster_masks, stems, lambda m: m.stem)
         return items
 
 

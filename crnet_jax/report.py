@@ -16,7 +16,7 @@ import math
 import pathlib
 import time
 import warnings
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -101,6 +101,21 @@ def _agg():
     return plt
 
 
+def _save_and_close(fig: Any, png_path: str | pathlib.Path, *, title: str, title_fontsize: float) -> pathlib.Path:
+    """Finish a matplotlib figure made after :func:`_agg`: add ``title`` (if any) as its suptitle
+    (``title_fontsize`` in points), lay it out tightly, save it as a PNG at 110 dpi to ``png_path``,
+    close it, and return ``png_path`` as a Path."""
+    import matplotlib.pyplot as plt  # already on the Agg backend: _agg() ran before the figure was made
+
+    if title:
+        fig.suptitle(title, fontsize=title_fontsize)
+    fig.tight_layout()
+    png_path = pathlib.Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
 def plot_curves(csv_path: str | pathlib.Path, png_path: str | pathlib.Path, title: str = "") -> pathlib.Path:
     """Training loss (and its running mean), learning rate, validation loss and scores."""
     plt = _agg()
@@ -134,13 +149,7 @@ def plot_curves(csv_path: str | pathlib.Path, png_path: str | pathlib.Path, titl
     ax.set(title="learning rate", xlabel="step")
     ax.set_ylim(bottom=0)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    png_path = pathlib.Path(png_path)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    return _save_and_close(fig, png_path, title=title, title_fontsize=10)
 
 
 def plot_overlays(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, png_path: str | pathlib.Path, *,
@@ -176,10 +185,4 @@ def plot_overlays(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, png
             ax = axes[r, 3 * c + j]
             ax.imshow(img, interpolation="nearest")
             ax.set_title(label, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    png_path = pathlib.Path(png_path)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    return _save_and_close(fig, png_path, title=title, title_fontsize=9)
