@@ -5,6 +5,13 @@ SepConv(filters) -> BN -> LeakyReLU -> SepConv(filters). The branch outputs are 
 order (3 * filters channels) and added to the shortcut BN(Conv1x1(x)). There is no activation
 after the add. The STEM feeds the branches the raw input; a CONV RES block feeds them
 x0 = LeakyReLU(BN(x)) while its shortcut still reads the raw x.
+
+Every BN -> LeakyReLU -> SepConv chain (the CONV RES pre-activation and the middle of each
+branch) is computed as SepConv with a prologue: the BatchNorm contributes per-channel
+(scale, shift) from its statistics and the convolution kernel applies
+LeakyReLU(scale * x + shift) to its input on the fly (`separable_conv2d(prologue=...)`),
+so neither the normalised nor the activated tensor is stored: in training only the raw
+convolution inputs are kept for the backward pass.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crnet_jax.config import ModelConfig
-from crnet_jax.layers import PointwiseConv, SeparableAtrousConv, batch_norm, leaky_relu
+from crnet_jax.layers import PointwiseConv, SeparableAtrousConv, batch_norm, batch_norm_scale_shift, leaky_relu
 
 
 def _dtypes(cfg: ModelConfig) -> dict:
@@ -34,8 +41,11 @@ class Branch(nnx.Module):
         self.bn = _bn(cfg.filters, cfg, rngs)
         self.conv2 = SeparableAtrousConv(cfg.filters, cfg.filters, **sep)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv2(leaky_relu(self.bn(self.conv1(x)), self.slope))
+    def __call__(self, x: jax.Array, prologue: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
+        """x (B, H, W, Cin) -> (B, H, W, filters); prologue: see SeparableAtrousConv."""
+        h = self.conv1(x, prologue)
+        scale, shift = batch_norm_scale_shift(self.bn, h)
+        return self.conv2(h, (scale, shift, self.slope))
 
 
 class ResidualBlock(nnx.Module):
@@ -55,8 +65,11 @@ class ResidualBlock(nnx.Module):
         self.shortcut_bn = _bn(out, cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x0 = x if self.pre_bn is None else leaky_relu(self.pre_bn(x), self.slope)
-        branches = jnp.concatenate([branch(x0) for branch in self.branches], axis=-1)
+        prologue = None
+        if self.pre_bn is not None:  # x0 = LeakyReLU(pre_bn(x)), folded into each branch's conv1
+            scale, shift = batch_norm_scale_shift(self.pre_bn, x)
+            prologue = (scale, shift, self.slope)
+        branches = jnp.concatenate([branch(x, prologue) for branch in self.branches], axis=-1)
         return self.shortcut_bn(self.shortcut_conv(x)) + branches
 
 

@@ -286,17 +286,23 @@ def _batch_partitioned(raw, arg_kinds: str, out_kinds: str, rule: str):
     return fn
 
 
+def _weights_rule(axis_size, x_batched, ws_batched, ws, per_element: bool):
+    """Weights of a vmapped call: one group per mapped element when any weight is batched
+    or gradients must come out per element, else the shared weights (tiled if grouped)."""
+    if per_element or any(ws_batched):
+        return [_per_element(axis_size, wb, w) for w, wb in zip(ws, ws_batched)]
+    return [_fold_groups(axis_size, False, w) for w in ws]
+
+
 @functools.lru_cache(maxsize=None)
 def _ffi_ops(d: int, isa: int, threads: int):
-    """custom_vmap-wrapped FFI calls for one (dilation, isa, threads).
+    """custom_vmap-wrapped depthwise FFI calls for one (dilation, isa, threads).
 
     Weights carry a leading group axis G dividing the batch N (image n uses group
     n // (N // G)); under vmap the mapped axis is folded into the batch and the groups,
     so a vmapped call is still one kernel launch.
       fwd(x (N,H,W,C), w (G,k,k,C)) -> y (N,H,W,C)
       bwd(x, w, dy) -> (dx, dw (G,k,k,C))
-      sep_fwd(x, wdw (G,k,k,C), wpw (G,C,Co), b (G,Co)) -> (N,H,W,Co)
-      sep_bwd(x, wdw, wpw, dout) -> (dx, dwdw, dwpw, db)
     All float32.
     """
     attrs = dict(dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads))
@@ -309,24 +315,8 @@ def _ffi_ops(d: int, isa: int, threads: int):
         shapes = (jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(w.shape, f32))
         return tuple(jax.ffi.ffi_call("crnet_depthwise_bwd", shapes)(x, w, dy, **attrs))
 
-    def raw_sep_fwd(x, wdw, wpw, b):
-        out = jax.ShapeDtypeStruct((*x.shape[:3], wpw.shape[2]), f32)
-        return jax.ffi.ffi_call("crnet_separable_fwd", out)(x, wdw, wpw, b, **attrs)
-
-    def raw_sep_bwd(x, wdw, wpw, dout):
-        shapes = (
-            jax.ShapeDtypeStruct(x.shape, f32),
-            jax.ShapeDtypeStruct(wdw.shape, f32),
-            jax.ShapeDtypeStruct(wpw.shape, f32),
-            jax.ShapeDtypeStruct((wpw.shape[0], wpw.shape[2]), f32),
-        )
-        return tuple(jax.ffi.ffi_call("crnet_separable_bwd", shapes)(x, wdw, wpw, dout, **attrs))
-
     p_fwd = _batch_partitioned(raw_fwd, "bw", "b", "n h w c, g k l c -> n h w c")
     p_bwd = _batch_partitioned(raw_bwd, "bwb", "br", "n h w c, g k l c, n h w c -> n h w c, g k l c")
-    p_sep_fwd = _batch_partitioned(raw_sep_fwd, "bwww", "b", "n h w c, g k l c, g c o, g o -> n h w o")
-    p_sep_bwd = _batch_partitioned(
-        raw_sep_bwd, "bwwb", "brrr", "n h w c, g k l c, g c o, n h w o -> n h w c, g k l c, g c o, g o")
 
     @jax.custom_batching.custom_vmap
     def fwd(x, w):
@@ -348,32 +338,63 @@ def _ffi_ops(d: int, isa: int, threads: int):
         dx, dw = bwd(_fold(axis_size, xb, x), _per_element(axis_size, wb, w), _fold(axis_size, gb, dy))
         return (_unfold(axis_size, dx), _unfold(axis_size, dw)), (True, True)
 
+    return fwd, bwd
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
+    """custom_vmap-wrapped fused separable FFI calls (see `_ffi_ops` for the group axis).
+
+    slope None: plain separable convolution (a, b ignored, their gradients zero); else the
+    kernels read x0 = LeakyReLU(a * x + b, slope) instead of x.
+      sep_fwd(x, a (G,C), b (G,C), wdw (G,k,k,C), wpw (G,C,Co), bias (G,Co)) -> (N,H,W,Co)
+      sep_bwd(x, a, b, wdw, wpw, dout) -> (dx, da, db, dwdw, dwpw, dbias)
+    All float32.
+    """
+    attrs = dict(
+        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
+        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
+    )
+    f32 = jnp.float32
+
+    def raw_sep_fwd(x, a, b, wdw, wpw, bias):
+        out = jax.ShapeDtypeStruct((*x.shape[:3], wpw.shape[2]), f32)
+        return jax.ffi.ffi_call("crnet_separable_fwd", out)(x, a, b, wdw, wpw, bias, **attrs)
+
+    def raw_sep_bwd(x, a, b, wdw, wpw, dout):
+        shapes = tuple(jax.ShapeDtypeStruct(s, f32) for s in (
+            x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
+        return tuple(jax.ffi.ffi_call("crnet_separable_bwd", shapes)(x, a, b, wdw, wpw, dout, **attrs))
+
+    p_sep_fwd = _batch_partitioned(
+        raw_sep_fwd, "bwwwww", "b", "n h w c, g c, g c, g k l c, g c o, g o -> n h w o")
+    p_sep_bwd = _batch_partitioned(
+        raw_sep_bwd, "bwwwwb", "brrrrr",
+        "n h w c, g c, g c, g k l c, g c o, n h w o -> n h w c, g c, g c, g k l c, g c o, g o")
+
     @jax.custom_batching.custom_vmap
-    def sep_fwd(x, wdw, wpw, b):
-        return p_sep_fwd(x, wdw, wpw, b)
+    def sep_fwd(x, *ws):
+        return p_sep_fwd(x, *ws)
 
     @sep_fwd.def_vmap
-    def _sep_fwd_rule(axis_size, in_batched, x, wdw, wpw, b):
+    def _sep_fwd_rule(axis_size, in_batched, x, *ws):
         xb, *wbs = in_batched
-        if any(wbs):  # any weight batched: give every weight one group per mapped element
-            ws = [_per_element(axis_size, wb_, w) for w, wb_ in zip((wdw, wpw, b), wbs)]
-        else:
-            ws = [_fold_groups(axis_size, False, w) for w in (wdw, wpw, b)]
+        ws = _weights_rule(axis_size, xb, wbs, ws, per_element=False)
         return _unfold(axis_size, sep_fwd(_fold(axis_size, xb, x), *ws)), True
 
     @jax.custom_batching.custom_vmap
-    def sep_bwd(x, wdw, wpw, dout):
-        return tuple(p_sep_bwd(x, wdw, wpw, dout))
+    def sep_bwd(x, a, b, wdw, wpw, dout):
+        return tuple(p_sep_bwd(x, a, b, wdw, wpw, dout))
 
     @sep_bwd.def_vmap
-    def _sep_bwd_rule(axis_size, in_batched, x, wdw, wpw, dout):
-        xb, wdb, wpb, gb = in_batched
+    def _sep_bwd_rule(axis_size, in_batched, x, a, b, wdw, wpw, dout):
+        xb, *wbs, gb = in_batched
         # Weight gradients must come out per mapped element: one group per element.
-        ws = [_per_element(axis_size, wdb, wdw), _per_element(axis_size, wpb, wpw)]
+        ws = _weights_rule(axis_size, xb, wbs, (a, b, wdw, wpw), per_element=True)
         outs = sep_bwd(_fold(axis_size, xb, x), *ws, _fold(axis_size, gb, dout))
-        return tuple(_unfold(axis_size, o) for o in outs), (True, True, True, True)
+        return tuple(_unfold(axis_size, o) for o in outs), (True,) * 6
 
-    return fwd, bwd, sep_fwd, sep_bwd
+    return sep_fwd, sep_bwd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -396,24 +417,26 @@ def _ffi_conv_bwd(d, isa, threads, res, g):
 _ffi_conv.defvjp(_ffi_conv_fwd, _ffi_conv_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _ffi_sep(x, wdw, wpw, b, d: int, isa: int, threads: int):
-    sep_fwd = _ffi_ops(d, isa, threads)[2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ffi_sep(x, a, b, wdw, wpw, bias, d: int, isa: int, threads: int, slope: float | None):
+    sep_fwd = _ffi_sep_ops(d, isa, threads, slope)[0]
     f = jnp.float32
-    out = sep_fwd(x.astype(f), wdw.astype(f)[None], wpw.astype(f)[None], b.astype(f)[None])
-    return out.astype(x.dtype)
+    ws = (a, b, wdw, wpw, bias)
+    return sep_fwd(x.astype(f), *(w.astype(f)[None] for w in ws)).astype(x.dtype)
 
 
-def _ffi_sep_fwd(x, wdw, wpw, b, d, isa, threads):
-    return _ffi_sep(x, wdw, wpw, b, d, isa, threads), (x, wdw, wpw, b)
+def _ffi_sep_fwd(x, a, b, wdw, wpw, bias, d, isa, threads, slope):
+    return _ffi_sep(x, a, b, wdw, wpw, bias, d, isa, threads, slope), (x, a, b, wdw, wpw, bias)
 
 
-def _ffi_sep_bwd(d, isa, threads, res, g):
-    x, wdw, wpw, b = res
-    sep_bwd = _ffi_ops(d, isa, threads)[3]
+def _ffi_sep_bwd(d, isa, threads, slope, res, g):
+    x, a, b, wdw, wpw, bias = res
+    sep_bwd = _ffi_sep_ops(d, isa, threads, slope)[1]
     f = jnp.float32
-    dx, dwdw, dwpw, db = sep_bwd(x.astype(f), wdw.astype(f)[None], wpw.astype(f)[None], g.astype(f))
-    return dx.astype(x.dtype), dwdw[0].astype(wdw.dtype), dwpw[0].astype(wpw.dtype), db[0].astype(b.dtype)
+    dx, da, db, dwdw, dwpw, dbias = sep_bwd(
+        x.astype(f), *(w.astype(f)[None] for w in (a, b, wdw, wpw)), g.astype(f))
+    return (dx.astype(x.dtype), da[0].astype(a.dtype), db[0].astype(b.dtype),
+            dwdw[0].astype(wdw.dtype), dwpw[0].astype(wpw.dtype), dbias[0].astype(bias.dtype))
 
 
 _ffi_sep.defvjp(_ffi_sep_fwd, _ffi_sep_bwd)
@@ -509,26 +532,45 @@ def separable_conv2d(
     bias: jax.Array | None,
     dilation: int = 1,
     impl: str = "auto",
+    *,
+    prologue: tuple[jax.Array, jax.Array, float] | None = None,
 ) -> jax.Array:
     """Keras SeparableConv2D: depthwise (k, k, Cin) with dilation, then pointwise (Cin, Cout) + bias.
 
     Shapes: x (B, H, W, Cin) -> (B, H, W, Cout).
 
-    With impl "ffi" (the CPU default when built) depthwise, pointwise and bias run fused in
-    one C++ kernel per direction: the (B, H, W, Cin) depthwise output never reaches main
-    memory (the backward recomputes it), which matters because these layers are memory
-    bound on CPU. Other impls: depthwise_conv2d(impl) followed by an einsum.
+    prologue: optional (scale (Cin,), shift (Cin,), slope): the convolution then reads
+      LeakyReLU(scale * x + shift, slope) instead of x, which is a BatchNorm (with its
+      statistics folded into scale and shift) + LeakyReLU in front of the convolution.
+      Gradients flow to scale and shift (and through them to the statistics).
+
+    With impl "ffi" (the CPU default when built) prologue, depthwise, pointwise and bias
+    run fused in one C++ kernel per direction: neither the activated input nor the
+    (B, H, W, Cin) depthwise output reaches main memory (the backward recomputes them),
+    which matters because these layers are memory bound on CPU. Other impls compose
+    the prologue, depthwise_conv2d(impl) and an einsum.
     """
     impl = default_implementation() if impl == "auto" else impl
+    cin, cout = pointwise_kernel.shape
+    if cin != x.shape[-1]:
+        raise ValueError(f"pointwise kernel {pointwise_kernel.shape} does not match {x.shape[-1]} input channels")
+    if prologue is not None:
+        scale, shift, slope = prologue
+        if scale.shape != (cin,) or shift.shape != (cin,):
+            raise ValueError(f"prologue scale/shift must have shape ({cin},), got {scale.shape}, {shift.shape}")
     if impl == "ffi":
         k, d = _check(x, depthwise_kernel, dilation)
-        cin, cout = pointwise_kernel.shape
-        if cin != x.shape[3]:
-            raise ValueError(f"pointwise kernel {pointwise_kernel.shape} does not match {x.shape[3]} input channels")
         if k > 15 or not _ffi.available():
             depthwise_conv2d_ffi(x, depthwise_kernel, dilation)  # raises with the reason
         b = jnp.zeros((cout,), pointwise_kernel.dtype) if bias is None else bias
-        return _ffi_sep(x, depthwise_kernel, pointwise_kernel, b, d, _isa_code(None), 0)
+        if prologue is None:
+            one = jnp.ones((cin,), jnp.float32)
+            return _ffi_sep(x, one, one, depthwise_kernel, pointwise_kernel, b, d, _isa_code(None), 0, None)
+        return _ffi_sep(x, scale, shift, depthwise_kernel, pointwise_kernel, b, d, _isa_code(None), 0, float(slope))
+    if prologue is not None:
+        acc = _acc_dtype(x.dtype)
+        z = x.astype(acc) * scale.astype(acc) + shift.astype(acc)
+        x = jnp.where(z >= 0, z, slope * z).astype(x.dtype)
     y = depthwise_conv2d(x, depthwise_kernel, dilation, impl)
     y = jnp.einsum("bhwc,cd->bhwd", y, pointwise_kernel.astype(y.dtype))
     if bias is not None:

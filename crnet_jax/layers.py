@@ -65,7 +65,10 @@ class SeparableAtrousConv(nnx.Module):
         )
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, prologue: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
+        """x (B, H, W, Cin) -> (B, H, W, Cout). prologue (scale (Cin,), shift (Cin,), slope):
+        convolve LeakyReLU(scale * x + shift, slope) instead of x, fused into the kernel
+        where the implementation allows (see `separable_conv2d`)."""
         return separable_conv2d(
             x.astype(self.dtype),
             self.depthwise_kernel[...].astype(self.dtype),
@@ -73,6 +76,7 @@ class SeparableAtrousConv(nnx.Module):
             self.bias[...].astype(self.dtype),
             dilation=self.dilation,
             impl=self.impl,
+            prologue=prologue,
         )
 
 
@@ -102,6 +106,31 @@ def batch_norm(features: int, *, momentum: float, epsilon: float, dtype, param_d
     return nnx.BatchNorm(
         features, momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
+
+
+def batch_norm_scale_shift(bn: nnx.BatchNorm, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel (scale, shift), float32 of shape (C,), such that bn(x) = scale * x + shift.
+
+    What `bn(x)` would do, with the normalisation left to the caller (so it can be fused
+    into the next convolution): in training mode (`bn.use_running_average` False) the
+    statistics are those of the batch, over all axes but the last (E[x^2] - E[x]^2,
+    clipped at 0, in float32, like flax), and the running statistics are updated with
+    the layer's momentum; in inference mode the running statistics are used. Gradients
+    flow through the batch statistics as in BatchNorm.
+    """
+    if bn.use_running_average:
+        mean = bn.mean[...].astype(jnp.float32)
+        var = bn.var[...].astype(jnp.float32)
+    else:
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(xf, axes)
+        var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axes) - jnp.square(mean))
+        m = bn.momentum
+        bn.mean[...] = jax.lax.stop_gradient(m * bn.mean[...] + (1 - m) * mean).astype(bn.mean.dtype)
+        bn.var[...] = jax.lax.stop_gradient(m * bn.var[...] + (1 - m) * var).astype(bn.var.dtype)
+    scale = bn.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + bn.epsilon)
+    return scale, bn.bias[...].astype(jnp.float32) - mean * scale
 
 
 def spatial_dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:

@@ -270,6 +270,65 @@ def test_separable_vmap_and_bf16():
     _close(yb, _np_sep(r(xb), r(wd[0]), r(wp[0]), r(bb[0]), d, np.zeros((2, 9, 8, cout), np.float32))[0], 1e-2)
 
 
+def _np_preact_sep(x, a, b, wd, wp, bias, d, slope, ct):
+    """Float64 NumPy reference of separable_conv2d(prologue=(a, b, slope)) for cotangent ct:
+    (y, dx, da, db, d_depthwise, d_pointwise, d_bias), by the chain rule through
+    x0 = LeakyReLU(a x + b) and _np_sep."""
+    x64 = np.asarray(x, np.float64)
+    z = x64 * np.asarray(a, np.float64) + np.asarray(b, np.float64)
+    x0 = np.where(z >= 0, z, slope * z)
+    y, dx0, dwd, dwp, dbias = _np_sep(x0.astype(np.float32), wd, wp, bias, d, ct)
+    dz = dx0 * np.where(z >= 0, 1.0, slope)
+    return y, dz * np.asarray(a, np.float64), (dz * x64).sum(axis=(0, 1, 2)), dz.sum(axis=(0, 1, 2)), dwd, dwp, dbias
+
+
+PREACT_CASES = [(2, 12, 11, 48, 16, 7, 5), (3, 8, 9, 1, 16, 5, 3), (1, 9, 10, 16, 16, 3, 1), (2, 10, 7, 20, 12, 3, 2)]
+
+
+@pytest.mark.parametrize(
+    "impl,b,h,w_,cin,cout,k,d",
+    [pytest.param("ffi", *c, marks=needs_ffi) for c in PREACT_CASES]
+    + [pytest.param(i, *PREACT_CASES[0]) for i in ("shift", "xla")],
+)
+def test_separable_prologue_matches_reference(impl, b, h, w_, cin, cout, k, d):
+    """SepConv(LeakyReLU(a x + b)) with the prologue fused: value and all six gradients
+    (x, a, b, depthwise, pointwise, bias) against float64 NumPy; both signs of a x + b occur."""
+    keys = np.random.default_rng(b * h + cin + k)
+    x = _rand(keys, (b, h, w_, cin))
+    a = 1.0 + 0.5 * _rand(keys, (cin,))
+    sh = 0.3 * _rand(keys, (cin,))
+    wd, wp, bb = _rand(keys, (k, k, cin)), _rand(keys, (cin, cout)) / np.sqrt(cin), _rand(keys, (cout,))
+    ct = _rand(keys, (b, h, w_, cout))
+    slope = 0.1
+
+    def f(x, a, sh, wd, wp, bb):
+        return dw.separable_conv2d(x, wd, wp, bb, d, impl, prologue=(a, sh, slope))
+
+    def run(*args):
+        y, vjp = jax.vjp(f, *args)
+        return (y,) + vjp(ct)
+
+    got = jax.jit(run)(x, a, sh, wd, wp, bb)
+    want = _np_preact_sep(x, a, sh, wd, wp, bb, d, slope, ct)
+    for name, g_, w_ref in zip(["y", "dx", "da", "db", "d_depthwise", "d_pointwise", "d_bias"], got, want):
+        _close(g_, w_ref, 2e-5, name)
+
+
+@needs_ffi
+def test_separable_prologue_vmap_and_bad_shapes():
+    k, d, cin, cout = 5, 3, 16, 8
+    keys = np.random.default_rng(5)
+    x = _rand(keys, (2, 2, 9, 8, cin))
+    a, sh = _rand(keys, (2, cin)), _rand(keys, (2, cin))
+    wd, wp, bb = _rand(keys, (k, k, cin)), _rand(keys, (cin, cout)) / 4, _rand(keys, (cout,))
+    got = jax.jit(jax.vmap(lambda x, a, s: dw.separable_conv2d(x, wd, wp, bb, d, "ffi", prologue=(a, s, 0.2))))(x, a, sh)
+    for i in range(2):
+        want = _np_preact_sep(x[i], a[i], sh[i], wd, wp, bb, d, 0.2, np.zeros((2, 9, 8, cout), np.float32))[0]
+        _close(got[i], want, 1e-5)
+    with pytest.raises(ValueError, match="prologue scale/shift"):
+        dw.separable_conv2d(x[0], wd, wp, bb, d, "ffi", prologue=(a[0, :3], sh[0], 0.1))
+
+
 # ---------------------------------------------------------------------------------------
 # Threads, determinism, selection, errors
 # ---------------------------------------------------------------------------------------

@@ -81,6 +81,55 @@ def test_block_matches_numpy_reference(preactivate):
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
+def _block_unfused(block: ResidualBlock, x: jax.Array) -> jax.Array:
+    """The block with every BatchNorm applied by nnx.BatchNorm and LeakyReLU as separate
+    operations (no prologue folded into the convolutions)."""
+    lrelu = lambda v: leaky_relu(v, 0.1)  # noqa: E731
+    x0 = x if block.pre_bn is None else lrelu(block.pre_bn(x))
+    branches = [br.conv2(lrelu(br.bn(br.conv1(x0)))) for br in block.branches]
+    return block.shortcut_bn(block.shortcut_conv(x)) + jnp.concatenate(branches, -1)
+
+
+@pytest.mark.parametrize("impl", ["ffi", "shift"])
+@pytest.mark.parametrize("preactivate", [False, True])
+def test_block_training_mode_equals_unfused(preactivate, impl):
+    """Training mode (batch statistics): the block with BatchNorm + LeakyReLU folded into the
+    convolutions gives the output, parameter gradients and updated running statistics of
+    the unfused composition of nnx.BatchNorm, LeakyReLU and SepConv."""
+    from crnet_jax import _ffi
+
+    if impl == "ffi" and not _ffi.available():
+        pytest.skip("C++ FFI extension not built")
+    cfg = lung_config(depthwise_impl=impl, bn_momentum=0.9)
+    cin = 48 if preactivate else 1
+    block = ResidualBlock(cin, cfg, preactivate=preactivate, rngs=nnx.Rngs(4))
+    rng = np.random.default_rng(1)
+    for path, var in nnx.to_flat_state(nnx.state(block, nnx.Param)):  # non-trivial BN scale/bias
+        if path[-1] in ("scale", "bias") and "conv" not in "".join(map(str, path)):
+            var.set_value(jnp.asarray(rng.uniform(0.5, 1.5, var.shape), jnp.float32))
+    block.train()
+    x = jnp.asarray(rng.normal(0.3, 1.2, size=(2, 11, 14, cin)).astype(np.float32))
+    ct = jnp.asarray(rng.normal(size=(2, 11, 14, cfg.block_channels)).astype(np.float32))
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+
+    def run(fn):
+        def loss(p, x):
+            b = nnx.merge(graphdef, p, rest, copy=True)
+            y = fn(b, x)
+            return jnp.sum(y * ct), (y, nnx.to_pure_dict(nnx.state(b, nnx.BatchStat)))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+    (_, (y1, stats1)), g1 = run(lambda b, x: b(x))
+    (_, (y0, stats0)), g0 = run(_block_unfused)
+    chex.assert_trees_all_close(y1, y0, atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(stats1, stats0, atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close(g1, g0, atol=5e-4, rtol=2e-4)
+    # the statistics did move (the comparison above is not between two untouched states)
+    before = nnx.to_pure_dict(nnx.state(block, nnx.BatchStat))
+    assert np.abs(np.asarray(stats1["shortcut_bn"]["mean"]) - np.asarray(before["shortcut_bn"]["mean"])).max() > 0
+
+
 def test_dropout_only_in_training():
     model = ResCRNet(lung_config(num_conv_res=1, dropout_rate=0.5), rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))

@@ -7,14 +7,19 @@
 // images (this is how vmap over the weights is served by a single call).
 //   crnet_depthwise_fwd  (x (N,H,W,C), w (G,k,k,C))            -> y (N,H,W,C)
 //   crnet_depthwise_bwd  (x, w, dy (N,H,W,C))                   -> dx (N,H,W,C), dw (G,k,k,C)
-//   crnet_separable_fwd  (x, wdw (G,k,k,C), wpw (G,C,Co), b (G,Co)) -> out (N,H,W,Co)
-//   crnet_separable_bwd  (x, wdw, wpw, dout (N,H,W,Co))
-//                          -> dx (N,H,W,C), dwdw (G,k,k,C), dwpw (G,C,Co), db (G,Co)
-// The separable targets fuse depthwise + pointwise + bias; the backward recomputes the
-// depthwise output and dout @ wpw^T on the fly instead of storing them, so the
-// C-channel intermediate never goes through main memory.
+//   crnet_separable_fwd  (x, a (G,C), b (G,C), wdw (G,k,k,C), wpw (G,C,Co), bias (G,Co))
+//                          -> out (N,H,W,Co)
+//   crnet_separable_bwd  (x, a, b, wdw, wpw, dout (N,H,W,Co))
+//                          -> dx (N,H,W,C), da (G,C), db (G,C), dwdw (G,k,k,C),
+//                             dwpw (G,C,Co), dbias (G,Co)
+// The separable targets fuse depthwise + pointwise + bias and, with preact = 1, a
+// prologue x0 = LeakyReLU(a x + b, slope) on their input (a BatchNorm + LeakyReLU); the
+// backward recomputes x0, the depthwise output and dout @ wpw^T on the fly instead of
+// storing them, so no C-channel intermediate goes through main memory. With preact = 0,
+// a and b are ignored and da, db are zero.
 // Attributes: dilation (i64), isa (i64: 0 best, 1 baseline, 2 AVX2, 3 AVX-512),
-//             threads (i64: 0 = all of XLA's intra-op pool).
+//             threads (i64: 0 = all of XLA's intra-op pool); separable targets also
+//             preact (i64: 0 or 1) and slope (f32).
 //
 // Threading: work is cut into (image, band of rows) units. The calling thread and up
 // to (pool size - 1) tasks scheduled on XLA's intra-op thread pool (ffi::ThreadPool)
@@ -238,25 +243,62 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wdw,
+// Shapes of the separable targets: x (N,H,W,C), wdw (G,k,k,C), wpw (G,C,Co), and the
+// prologue's a, b (G,C).
+struct SepShape {
+  int64_t N, H, W, C, Co, G, k;
+};
+
+ffi::Error check_separable(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+                           ffi::Span<const int64_t> pd, ffi::Span<const int64_t> ad,
+                           ffi::Span<const int64_t> bd, int64_t dilation, SepShape& sh) {
+  if (auto e = check_kernel(wd, "depthwise kernel"); e.failure()) return e;
+  sh.G = wd[0];
+  sh.k = wd[1];
+  sh.C = wd[3];
+  if (auto e = check_common(xd, sh.k, sh.C, sh.G, dilation); e.failure()) return e;
+  if (pd.size() != 3 || pd[0] != sh.G || pd[1] != sh.C)
+    return ffi::Error::InvalidArgument("pointwise kernel must have shape (G, C, Co)");
+  for (auto* v : {&ad, &bd})
+    if (v->size() != 2 || (*v)[0] != sh.G || (*v)[1] != sh.C)
+      return ffi::Error::InvalidArgument("prologue scale and shift must have shape (G, C)");
+  sh.Co = pd[2];
+  sh.N = xd[0];
+  sh.H = xd[1];
+  sh.W = xd[2];
+  return ffi::Error::Success();
+}
+
+// Prologue of the images of group g (none when preact == 0).
+crnet_dw::Prologue prologue(bool preact, const float* a, const float* b, float slope, int64_t g,
+                            int64_t C) {
+  crnet_dw::Prologue p;
+  if (preact) {
+    p.a = a + g * C;
+    p.b = b + g * C;
+    p.slope = slope;
+  }
+  return p;
+}
+
+ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                      ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
                       ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> bias,
                       ffi::ResultBuffer<ffi::F32> out, int64_t dilation, int64_t isa,
-                      int64_t threads) {
-  const auto xd = x.dimensions();
-  const auto wd = wdw.dimensions();
-  const auto pd = wpw.dimensions();
+                      int64_t threads, int64_t preact, float slope) {
+  SepShape sh;
+  if (auto e = check_separable(x.dimensions(), wdw.dimensions(), wpw.dimensions(),
+                               a.dimensions(), b.dimensions(), dilation, sh);
+      e.failure())
+    return e;
   const auto bd = bias.dimensions();
-  if (auto e = check_kernel(wd, "depthwise kernel"); e.failure()) return e;
-  const int64_t G = wd[0], k = wd[1], C = wd[3];
-  if (auto e = check_common(xd, k, C, G, dilation); e.failure()) return e;
-  if (pd.size() != 3 || pd[0] != G || pd[1] != C)
-    return ffi::Error::InvalidArgument("pointwise kernel must have shape (G, C, Co)");
-  const int64_t Co = pd[2];
-  if (bd.size() != 2 || bd[0] != G || bd[1] != Co)
+  if (bd.size() != 2 || bd[0] != sh.G || bd[1] != sh.Co)
     return ffi::Error::InvalidArgument("bias must have shape (G, Co)");
-  const int64_t N = xd[0], H = xd[1], W = xd[2];
+  const int64_t N = sh.N, H = sh.H, W = sh.W, C = sh.C, Co = sh.Co, G = sh.G, k = sh.k;
   const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * (k * k + Co), 32);
   const float* xp = x.typed_data();
+  const float* ap = a.typed_data();
+  const float* bp_ = b.typed_data();
   const float* wdp = wdw.typed_data();
   const float* wpp = wpw.typed_data();
   const float* bp = bias.typed_data();
@@ -264,32 +306,31 @@ ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const bool nt = use_streaming(op, N * H * W * Co, Co);
   const int64_t per_group = N / G;
   parallel_for(pool, pl.threads, N * pl.bands, [=](int64_t unit) {
-    const int64_t n = unit / pl.bands, b = unit % pl.bands, g = n / per_group;
-    const int64_t i0 = b * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    crnet_dw::sep_fwd_band(pl.isa, xp + n * H * W * C, wdp + g * k * k * C, wpp + g * C * Co,
-                           bp + g * Co, op + n * H * W * Co, H, W, C, Co, k, dilation, i0, i1,
-                           nt);
+    const int64_t n = unit / pl.bands, bnd = unit % pl.bands, g = n / per_group;
+    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    crnet_dw::sep_fwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C),
+                           wdp + g * k * k * C, wpp + g * C * Co, bp + g * Co, op + n * H * W * Co,
+                           H, W, C, Co, k, dilation, i0, i1, nt);
     if (nt) crnet_dw::sfence();
   });
   return ffi::Error::Success();
 }
 
-ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wdw,
+ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                      ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
                       ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> dout,
-                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dwdw,
+                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> da,
+                      ffi::ResultBuffer<ffi::F32> db_pre, ffi::ResultBuffer<ffi::F32> dwdw,
                       ffi::ResultBuffer<ffi::F32> dwpw, ffi::ResultBuffer<ffi::F32> db,
-                      int64_t dilation, int64_t isa, int64_t threads) {
-  const auto xd = x.dimensions();
-  const auto wd = wdw.dimensions();
-  const auto pd = wpw.dimensions();
+                      int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
+                      float slope) {
+  SepShape sh;
+  if (auto e = check_separable(x.dimensions(), wdw.dimensions(), wpw.dimensions(),
+                               a.dimensions(), b.dimensions(), dilation, sh);
+      e.failure())
+    return e;
+  const int64_t N = sh.N, H = sh.H, W = sh.W, C = sh.C, Co = sh.Co, G = sh.G, k = sh.k;
   const auto od = dout.dimensions();
-  if (auto e = check_kernel(wd, "depthwise kernel"); e.failure()) return e;
-  const int64_t G = wd[0], k = wd[1], C = wd[3];
-  if (auto e = check_common(xd, k, C, G, dilation); e.failure()) return e;
-  if (pd.size() != 3 || pd[0] != G || pd[1] != C)
-    return ffi::Error::InvalidArgument("pointwise kernel must have shape (G, C, Co)");
-  const int64_t Co = pd[2];
-  const int64_t N = xd[0], H = xd[1], W = xd[2];
   if (od.size() != 4 || od[0] != N || od[1] != H || od[2] != W || od[3] != Co)
     return ffi::Error::InvalidArgument("dout must have shape (N, H, W, Co)");
   // Fewer, taller bands here: each band recomputes k - 1 halo rows of dout @ wpw^T.
@@ -300,6 +341,8 @@ ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   std::vector<float> part_dw(static_cast<size_t>(units * kkc), 0.f);
   std::vector<float> part_pw(static_cast<size_t>(units * cco), 0.f);
   std::vector<float> part_b(static_cast<size_t>(units * Co), 0.f);
+  std::vector<float> part_sa(static_cast<size_t>(units * C), 0.f);
+  std::vector<float> part_sb(static_cast<size_t>(units * C), 0.f);
   std::vector<float> wflip = flip_kernel(wdw.typed_data(), G, k, C);
   std::vector<float> wpwT(static_cast<size_t>(G * cco));
   const float* wpp = wpw.typed_data();
@@ -307,6 +350,8 @@ ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (int64_t c = 0; c < C; ++c)
       for (int64_t o = 0; o < Co; ++o) wpwT[(g * Co + o) * C + c] = wpp[(g * C + c) * Co + o];
   const float* xp = x.typed_data();
+  const float* ap = a.typed_data();
+  const float* bp_ = b.typed_data();
   const float* wdp = wdw.typed_data();
   const float* wfp = wflip.data();
   const float* wtp = wpwT.data();
@@ -315,17 +360,21 @@ ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   float* pdw = part_dw.data();
   float* ppw = part_pw.data();
   float* pb = part_b.data();
+  float* psa = part_sa.data();
+  float* psb = part_sb.data();
   const bool nt = use_streaming(dxp, N * H * W * C, C);
   const int64_t per_group = N / G;
   parallel_for(pool, pl.threads, units, [=](int64_t unit) {
-    const int64_t n = unit / pl.bands, b = unit % pl.bands, g = n / per_group;
-    const int64_t i0 = b * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    crnet_dw::sep_bwd_band(pl.isa, xp + n * H * W * C, wdp + g * kkc, wfp + g * kkc,
-                           wtp + g * cco, gp + n * H * W * Co, dxp + n * H * W * C,
-                           pdw + unit * kkc, ppw + unit * cco, pb + unit * Co, H, W, C, Co, k,
-                           dilation, i0, i1, nt);
+    const int64_t n = unit / pl.bands, bnd = unit % pl.bands, g = n / per_group;
+    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    crnet_dw::sep_bwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C),
+                           wdp + g * kkc, wfp + g * kkc, wtp + g * cco, gp + n * H * W * Co,
+                           dxp + n * H * W * C, pdw + unit * kkc, ppw + unit * cco, pb + unit * Co,
+                           psa + unit * C, psb + unit * C, H, W, C, Co, k, dilation, i0, i1, nt);
     if (nt) crnet_dw::sfence();
   });
+  reduce_partials(psa, units, C, G, da->typed_data());
+  reduce_partials(psb, units, C, G, db_pre->typed_data());
   reduce_partials(pdw, units, kkc, G, dwdw->typed_data());
   reduce_partials(ppw, units, cco, G, dwpw->typed_data());
   reduce_partials(pb, units, Co, G, db->typed_data());
@@ -355,28 +404,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetDepthwiseBwd, BwdImpl,
                                   .Ret<F32Buf>()  // dw
                                   CRNET_ATTRS);
 
+#define CRNET_SEP_ATTRS CRNET_ATTRS.Attr<int64_t>("preact").Attr<float>("slope")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwd, SepFwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // a (prologue scale)
+                                  .Arg<F32Buf>()  // b (prologue shift)
                                   .Arg<F32Buf>()  // wdw
                                   .Arg<F32Buf>()  // wpw
                                   .Arg<F32Buf>()  // bias
                                   .Ret<F32Buf>()  // out
-                                  CRNET_ATTRS);
+                                  CRNET_SEP_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwd, SepBwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // a
+                                  .Arg<F32Buf>()  // b
                                   .Arg<F32Buf>()  // wdw
                                   .Arg<F32Buf>()  // wpw
                                   .Arg<F32Buf>()  // dout
                                   .Ret<F32Buf>()  // dx
+                                  .Ret<F32Buf>()  // da
+                                  .Ret<F32Buf>()  // db (prologue shift)
                                   .Ret<F32Buf>()  // dwdw
                                   .Ret<F32Buf>()  // dwpw
-                                  .Ret<F32Buf>()  // db
-                                  CRNET_ATTRS);
+                                  .Ret<F32Buf>()  // dbias
+                                  CRNET_SEP_ATTRS);
 
 // ------------------------------------------------------------------------------------
 // Python module: registrations() -> {target name: PyCapsule}, best_isa() -> int.

@@ -29,18 +29,32 @@ void bwd_band(int isa, const float* x, const float* dy, const float* wflip, floa
               float* part, int64_t H, int64_t W, int64_t C, int64_t k, int64_t d, int64_t i0,
               int64_t i1, bool nt);
 
-// Fused separable convolution: out (H, W, Co) = depthwise(x, wdw) @ wpw (C, Co) + bias
-// (bias may be null).
-void sep_fwd_band(int isa, const float* x, const float* wdw, const float* wpw,
+// Optional prologue of the separable convolution: the convolution reads
+//   x0[i, j, c] = LeakyReLU(a[c] * x[i, j, c] + b[c], slope)
+// instead of x (a BatchNorm with given scale/shift and the LeakyReLU that follows it,
+// folded into the kernel so x0 never goes through main memory). a == nullptr: none.
+struct Prologue {
+  const float* a = nullptr;
+  const float* b = nullptr;
+  float slope = 1.f;
+};
+
+// Fused separable convolution: out (H, W, Co) = depthwise(x0, wdw) @ wpw (C, Co) + bias
+// (bias may be null), x0 = x or its prologue.
+void sep_fwd_band(int isa, const float* x, const Prologue& pre, const float* wdw, const float* wpw,
                   const float* bias, float* out, int64_t H, int64_t W, int64_t C, int64_t Co,
                   int64_t k, int64_t d, int64_t i0, int64_t i1, bool nt);
 
 // Fused separable backward (see depthwise_impl.inc): dx (skipped when null) and partial
 // sums part_dw (k, k, C), part_pw (C, Co), part_b (Co) for output rows [i0, i1).
-// wpwT is wpw transposed (Co, C); wflip the flipped depthwise kernel.
-void sep_bwd_band(int isa, const float* x, const float* wdw, const float* wflip,
+// wpwT is wpw transposed (Co, C); wflip the flipped depthwise kernel. With a prologue,
+// dx is the gradient with respect to the raw x and, with dz = d(a x + b),
+// part_sa (C) += sum dz * x and part_sb (C) += sum dz over rows [i0, i1) (the gradients
+// of a and b); without one part_sa / part_sb are untouched (may be null).
+void sep_bwd_band(int isa, const float* x, const Prologue& pre, const float* wdw, const float* wflip,
                   const float* wpwT, const float* dout, float* dx, float* part_dw,
-                  float* part_pw, float* part_b, int64_t H, int64_t W, int64_t C, int64_t Co,
+                  float* part_pw, float* part_b, float* part_sa, float* part_sb,
+                  int64_t H, int64_t W, int64_t C, int64_t Co,
                   int64_t k, int64_t d, int64_t i0, int64_t i1, bool nt);
 
 // Store fence after non-temporal stores (no-op where not needed).

@@ -24,9 +24,10 @@
                 int64_t, int64_t, int64_t, bool);                                            \
   void bwd_band(const float*, const float*, const float*, float*, float*, int64_t, int64_t,  \
                 int64_t, int64_t, int64_t, int64_t, int64_t, bool);                          \
-  void sep_fwd_band(const float*, const float*, const float*, const float*, float*, int64_t, \
+  void sep_fwd_band(const float*, const Prologue&, const float*, const float*, const float*,  \
+                    float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,   \
+                    int64_t, bool);                                                          \
+  void sep_bwd_band(const float*, const Prologue&, const float*, const float*, const float*, \
+                    const float*, float*, float*, float*, float*, float*, float*, int64_t,   \
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool);    \
-  void sep_bwd_band(const float*, const float*, const float*, const float*, const float*,    \
-                    float*, float*, float*, float*, int64_t, int64_t, int64_t, int64_t,      \
-                    int64_t, int64_t, int64_t, int64_t, bool);                               \
   }
