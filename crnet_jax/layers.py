@@ -7,7 +7,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crnet_jax.depthwise import separable_conv2d
-from crnet_jax.pointwise import pointwise_conv2d
 
 
 def he_truncated_normal(fan_in: int) -> nnx.Initializer:
@@ -82,11 +81,7 @@ class SeparableAtrousConv(nnx.Module):
 
 
 class PointwiseConv(nnx.Module):
-    """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,).
-
-    impl: as for the depthwise convolution ("auto": the C++ kernel on CPU when built, else
-    an einsum; see `crnet_jax.pointwise`).
-    """
+    """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,)."""
 
     def __init__(
         self,
@@ -95,18 +90,15 @@ class PointwiseConv(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
-        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        self.impl = impl
         self.kernel = nnx.Param(he_truncated_normal(in_features)(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return pointwise_conv2d(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype), self.impl
-        )
+        y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
 
 
 def batch_norm(features: int, *, momentum: float, epsilon: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -12,8 +12,6 @@
 //   crnet_separable_bwd  (x, a, b, wdw, wpw, dout (N,H,W,Co))
 //                          -> dx (N,H,W,C), da (G,C), db (G,C), dwdw (G,k,k,C),
 //                             dwpw (G,C,Co), dbias (G,Co)
-//   crnet_pointwise_fwd  (x (..., C), w (C, Co), bias (Co)) -> out (..., Co)
-//   crnet_pointwise_bwd  (x, w, dout (..., Co)) -> dx (..., C), dw (C, Co), dbias (Co)
 // The separable targets fuse depthwise + pointwise + bias and, with preact = 1, a
 // prologue x0 = LeakyReLU(a x + b, slope) on their input (a BatchNorm + LeakyReLU); the
 // backward recomputes x0, the depthwise output and dout @ wpw^T on the fly instead of
@@ -383,88 +381,6 @@ ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// Pointwise (1 x 1) convolution over the last axis: x (..., C), w (C, Co), bias (Co).
-// Work units are fixed blocks of pixels (independent of the thread count, so the weight
-// gradients are reduced in a fixed order).
-constexpr int64_t kPixelsPerUnit = 2048;
-
-ffi::Error check_pointwise(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
-                           int64_t& n, int64_t& C, int64_t& Co) {
-  if (xd.size() == 0) return ffi::Error::InvalidArgument("x must have rank >= 1");
-  if (wd.size() != 2 || wd[0] != xd.back())
-    return ffi::Error::InvalidArgument("pointwise kernel must have shape (C, Co)");
-  C = wd[0];
-  Co = wd[1];
-  n = 1;
-  for (size_t i = 0; i + 1 < xd.size(); ++i) n *= xd[i];
-  return ffi::Error::Success();
-}
-
-std::vector<float> transpose(const float* w, int64_t C, int64_t Co) {
-  std::vector<float> t(static_cast<size_t>(C * Co));
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t o = 0; o < Co; ++o) t[o * C + c] = w[c * Co + o];
-  return t;
-}
-
-ffi::Error PwFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, int64_t isa,
-                     int64_t threads) {
-  int64_t n, C, Co;
-  if (auto e = check_pointwise(x.dimensions(), w.dimensions(), n, C, Co); e.failure()) return e;
-  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != Co)
-    return ffi::Error::InvalidArgument("bias must have shape (Co,)");
-  const int the_isa = crnet_dw::resolve_isa(static_cast<int>(isa));
-  const int64_t nthreads = num_threads(pool, threads, double(n) * C * Co);
-  std::vector<float> wT = transpose(w.typed_data(), C, Co);
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  const float* wtp = wT.data();
-  const float* bp = bias.typed_data();
-  float* op = out->typed_data();
-  const bool nt = use_streaming(op, n * Co, Co);
-  const int64_t units = (n + kPixelsPerUnit - 1) / kPixelsPerUnit;
-  parallel_for(pool, nthreads, units, [=](int64_t u) {
-    const int64_t j0 = u * kPixelsPerUnit, m = std::min(n, j0 + kPixelsPerUnit) - j0;
-    crnet_dw::pw_fwd_rows(the_isa, xp + j0 * C, wp, wtp, bp, op + j0 * Co, m, C, Co, nt);
-    if (nt) crnet_dw::sfence();
-  });
-  return ffi::Error::Success();
-}
-
-ffi::Error PwBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                     ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dx,
-                     ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
-                     int64_t isa, int64_t threads) {
-  int64_t n, C, Co;
-  if (auto e = check_pointwise(x.dimensions(), w.dimensions(), n, C, Co); e.failure()) return e;
-  const auto od = dout.dimensions();
-  int64_t nd = 1;
-  for (size_t i = 0; i + 1 < od.size(); ++i) nd *= od[i];
-  if (od.size() == 0 || od.back() != Co || nd != n)
-    return ffi::Error::InvalidArgument("dout must have the shape of the output (..., Co)");
-  const int the_isa = crnet_dw::resolve_isa(static_cast<int>(isa));
-  const int64_t nthreads = num_threads(pool, threads, 2.0 * n * C * Co);
-  std::vector<float> wT = transpose(w.typed_data(), C, Co);
-  const int64_t units = (n + kPixelsPerUnit - 1) / kPixelsPerUnit;
-  std::vector<float> part_w(static_cast<size_t>(units * C * Co), 0.f);
-  std::vector<float> part_b(static_cast<size_t>(units * Co), 0.f);
-  const float* xp = x.typed_data();
-  const float* wtp = wT.data();
-  const float* gp = dout.typed_data();
-  float* dxp = dx->typed_data();
-  float* pw = part_w.data();
-  float* pb = part_b.data();
-  parallel_for(pool, nthreads, units, [=](int64_t u) {
-    const int64_t j0 = u * kPixelsPerUnit, m = std::min(n, j0 + kPixelsPerUnit) - j0;
-    crnet_dw::pw_bwd_rows(the_isa, xp + j0 * C, wtp, gp + j0 * Co, dxp + j0 * C, pw + u * C * Co,
-                          pb + u * Co, m, C, Co);
-  });
-  reduce_partials(pw, units, C * Co, 1, dw->typed_data());
-  reduce_partials(pb, units, Co, 1, db->typed_data());
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 #define CRNET_ATTRS .Attr<int64_t>("dilation").Attr<int64_t>("isa").Attr<int64_t>("threads")
@@ -519,28 +435,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwd, SepBwdImpl,
                                   .Ret<F32Buf>()  // dbias
                                   CRNET_SEP_ATTRS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetPointwiseFwd, PwFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Buf>()  // x (..., C)
-                                  .Arg<F32Buf>()  // w (C, Co)
-                                  .Arg<F32Buf>()  // bias (Co)
-                                  .Ret<F32Buf>()  // out (..., Co)
-                                  .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetPointwiseBwd, PwBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Buf>()  // x
-                                  .Arg<F32Buf>()  // w
-                                  .Arg<F32Buf>()  // dout
-                                  .Ret<F32Buf>()  // dx
-                                  .Ret<F32Buf>()  // dw
-                                  .Ret<F32Buf>()  // dbias
-                                  .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("threads"));
-
 // ------------------------------------------------------------------------------------
 // Python module: registrations() -> {target name: PyCapsule}, best_isa() -> int.
 // ------------------------------------------------------------------------------------
@@ -557,9 +451,7 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
   if (!add("crnet_depthwise_fwd", reinterpret_cast<void*>(CrnetDepthwiseFwd)) ||
       !add("crnet_depthwise_bwd", reinterpret_cast<void*>(CrnetDepthwiseBwd)) ||
       !add("crnet_separable_fwd", reinterpret_cast<void*>(CrnetSeparableFwd)) ||
-      !add("crnet_separable_bwd", reinterpret_cast<void*>(CrnetSeparableBwd)) ||
-      !add("crnet_pointwise_fwd", reinterpret_cast<void*>(CrnetPointwiseFwd)) ||
-      !add("crnet_pointwise_bwd", reinterpret_cast<void*>(CrnetPointwiseBwd))) {
+      !add("crnet_separable_bwd", reinterpret_cast<void*>(CrnetSeparableBwd))) {
     Py_DECREF(d);
     return nullptr;
   }

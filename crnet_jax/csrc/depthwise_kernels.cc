@@ -72,16 +72,6 @@ void sep_bwd_band(int isa, const float* x, const Prologue& pre, const float* wdw
                  part_sa, part_sb, H, W, C, Co, k, d, i0, i1, nt);
 }
 
-void pw_fwd_rows(int isa, const float* x, const float* w, const float* wT, const float* bias,
-                 float* out, int64_t n, int64_t C, int64_t Co, bool nt) {
-  CRNET_ISA_CALL(pw_fwd_rows, x, w, wT, bias, out, n, C, Co, nt);
-}
-
-void pw_bwd_rows(int isa, const float* x, const float* wT, const float* dout, float* dx,
-                 float* part_w, float* part_b, int64_t n, int64_t C, int64_t Co) {
-  CRNET_ISA_CALL(pw_bwd_rows, x, wT, dout, dx, part_w, part_b, n, C, Co);
-}
-
 void sfence() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_sfence();

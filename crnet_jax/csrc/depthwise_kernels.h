@@ -57,16 +57,6 @@ void sep_bwd_band(int isa, const float* x, const Prologue& pre, const float* wdw
                   int64_t H, int64_t W, int64_t C, int64_t Co,
                   int64_t k, int64_t d, int64_t i0, int64_t i1, bool nt);
 
-// Pointwise (1 x 1) convolution of n pixels: out (n, Co) = x (n, C) @ w (C, Co) + bias
-// (bias may be null); wT is w transposed (Co, C).
-void pw_fwd_rows(int isa, const float* x, const float* w, const float* wT, const float* bias,
-                 float* out, int64_t n, int64_t C, int64_t Co, bool nt);
-
-// Its backward: dx (n, C) = dout @ w^T (skipped when null), part_w (C, Co) += x^T dout,
-// part_b (Co) += sum over pixels of dout.
-void pw_bwd_rows(int isa, const float* x, const float* wT, const float* dout, float* dx,
-                 float* part_w, float* part_b, int64_t n, int64_t C, int64_t Co);
-
 // Store fence after non-temporal stores (no-op where not needed).
 void sfence();
 

@@ -30,8 +30,4 @@
   void sep_bwd_band(const float*, const Prologue&, const float*, const float*, const float*, \
                     const float*, float*, float*, float*, float*, float*, float*, int64_t,   \
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool);    \
-  void pw_fwd_rows(const float*, const float*, const float*, const float*, float*, int64_t,  \
-                   int64_t, int64_t, bool);                                                  \
-  void pw_bwd_rows(const float*, const float*, const float*, float*, float*, float*, int64_t, \
-                   int64_t, int64_t);                                                        \
   }
