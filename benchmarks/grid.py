@@ -18,12 +18,12 @@ def parse_size(s: str) -> tuple[int, int]:
 
 
 def add_grid_arguments(p: argparse.ArgumentParser, *, sizes: str, batches: str, impls: str = "auto",
-                       dtypes: str = "float32", remat: str = "off") -> None:
+                       dtypes: str = "float32", remat: str = "on") -> None:
     p.add_argument("--sizes", default=sizes, help="comma-separated HxW (e.g. 256x256,300x340)")
     p.add_argument("--batches", default=batches, help="comma-separated batch sizes")
     p.add_argument("--dtypes", default=dtypes, help="compute dtypes: float32,bfloat16")
     p.add_argument("--impls", default=impls, help="depthwise implementations: auto,ffi,shift,xla")
-    p.add_argument("--remat", default=remat, choices=["off", "on", "both"], help="block rematerialisation")
+    p.add_argument("--remat", default=remat, choices=["off", "on", "both"], help="block rematerialisation (default on, as ModelConfig)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the Keras peer (benchmarks/peers) on each size/batch (default on; --no-peer)")

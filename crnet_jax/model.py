@@ -100,12 +100,25 @@ def recompute_in_backward(fn: Callable[..., Any], *args: Any) -> Any:
     return jax.tree.unflatten(box["out_tree"], out)
 
 
+def _in_training(block: nnx.Module) -> bool:
+    """True when some BatchNorm of the block uses batch statistics or some dropout is active
+    (`model.train()`); in inference mode there is no backward pass to save memory for."""
+    for _, node in nnx.iter_graph(block):
+        if isinstance(node, nnx.BatchNorm) and not node.use_running_average:
+            return True
+        if isinstance(node, nnx.Dropout) and not node.deterministic:
+            return True
+        if getattr(node, "deterministic", True) is False:  # e.g. the LSTM block's recurrent dropout
+            return True
+    return False
+
+
 def _apply(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
-    """Call a block; with remat only its input is kept for the backward pass, which recomputes
+    """Call a block; with remat (training mode only) only its input is kept for the backward pass, which recomputes
     the block's activations (`recompute_in_backward` over the block as a pure function of its
     state; the updated non-parameter state, BatchNorm statistics and RNG counts, is written
     back to the module afterwards)."""
-    if not remat:
+    if not remat or not _in_training(block):
         return block(x)
     graphdef, state = nnx.split(block)
 
