@@ -286,7 +286,7 @@ def _batch_partitioned(raw, arg_kinds: str, out_kinds: str, rule: str):
     return fn
 
 
-def _weights_rule(axis_size, x_batched, ws_batched, ws, per_element: bool):
+def _weights_rule(axis_size, ws_batched, ws, per_element: bool):
     """Weights of a vmapped call: one group per mapped element when any weight is batched
     or gradients must come out per element, else the shared weights (tiled if grouped)."""
     if per_element or any(ws_batched):
@@ -379,7 +379,7 @@ def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
     @sep_fwd.def_vmap
     def _sep_fwd_rule(axis_size, in_batched, x, *ws):
         xb, *wbs = in_batched
-        ws = _weights_rule(axis_size, xb, wbs, ws, per_element=False)
+        ws = _weights_rule(axis_size, wbs, ws, per_element=False)
         return _unfold(axis_size, sep_fwd(_fold(axis_size, xb, x), *ws)), True
 
     @jax.custom_batching.custom_vmap
@@ -390,7 +390,7 @@ def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
     def _sep_bwd_rule(axis_size, in_batched, x, a, b, wdw, wpw, dout):
         xb, *wbs, gb = in_batched
         # Weight gradients must come out per mapped element: one group per element.
-        ws = _weights_rule(axis_size, xb, wbs, (a, b, wdw, wpw), per_element=True)
+        ws = _weights_rule(axis_size, wbs, (a, b, wdw, wpw), per_element=True)
         outs = sep_bwd(_fold(axis_size, xb, x), *ws, _fold(axis_size, gb, dout))
         return tuple(_unfold(axis_size, o) for o in outs), (True,) * 6
 

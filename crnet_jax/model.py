@@ -106,9 +106,7 @@ def _in_training(block: nnx.Module) -> bool:
     for _, node in nnx.iter_graph(block):
         if isinstance(node, nnx.BatchNorm) and not node.use_running_average:
             return True
-        if isinstance(node, nnx.Dropout) and not node.deterministic:
-            return True
-        if getattr(node, "deterministic", True) is False:  # e.g. the LSTM block's recurrent dropout
+        if getattr(node, "deterministic", True) is False:  # nnx.Dropout, the LSTM block's recurrent dropout
             return True
     return False
 

@@ -56,6 +56,12 @@ def _rand(rng: np.random.Generator, shape, dtype=jnp.float32):
     return jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
 
 
+def _value_and_vjp(f, args, ct):
+    """(f(*args), *gradients of <f(*args), ct> with respect to every argument)."""
+    y, vjp = jax.vjp(f, *args)
+    return (y,) + vjp(ct)
+
+
 def _close(actual, expected, tol, name=""):
     """|a - e| <= tol * (max |e| + 1) elementwise, compared in float32."""
     a = np.asarray(jnp.asarray(actual, jnp.float32))
@@ -229,15 +235,11 @@ def test_separable_matches_reference(impl, b, h, w_, cin, cout, k, d, bias):
     ct = _rand(keys, (b, h, w_, cout))
     args = (x, wd, wp) + ((bb,) if bias else ())
 
-    def run(fn):
-        def f(*a):
-            return fn(a[0], a[1], a[2], a[3] if bias else None, d)
-
-        y, vjp = jax.vjp(f, *args)
-        return (y,) + vjp(ct)
+    def f(*a):
+        return dw.separable_conv2d(a[0], a[1], a[2], a[3] if bias else None, d, impl=impl)
 
     want = _np_sep(x, wd, wp, bb, d, ct)[: len(args) + 1]
-    got = jax.jit(lambda: run(lambda *a: dw.separable_conv2d(*a, impl=impl)))()
+    got = jax.jit(lambda *a: _value_and_vjp(f, a, ct))(*args)
     for name, g_, w_ref in zip(["y", "dx", "d_depthwise", "d_pointwise", "d_bias"], got, want):
         _close(g_, w_ref, 1e-5, name)
 
@@ -304,11 +306,7 @@ def test_separable_prologue_matches_reference(impl, b, h, w_, cin, cout, k, d):
     def f(x, a, sh, wd, wp, bb):
         return dw.separable_conv2d(x, wd, wp, bb, d, impl, prologue=(a, sh, slope))
 
-    def run(*args):
-        y, vjp = jax.vjp(f, *args)
-        return (y,) + vjp(ct)
-
-    got = jax.jit(run)(x, a, sh, wd, wp, bb)
+    got = jax.jit(lambda *args: _value_and_vjp(f, args, ct))(x, a, sh, wd, wp, bb)
     want = _np_preact_sep(x, a, sh, wd, wp, bb, d, slope, ct)
     for name, g_, w_ref in zip(["y", "dx", "da", "db", "d_depthwise", "d_pointwise", "d_bias"], got, want):
         _close(g_, w_ref, 2e-5, name)
@@ -466,8 +464,7 @@ def test_full_size_separable(cin, k, d):
     ct = _rand(keys, (2, 300, 340, 16))
 
     def run(impl):
-        y, vjp = jax.vjp(lambda *a: dw.separable_conv2d(*a, d, impl), x, wd, wp, bb)
-        return (y,) + vjp(ct)
+        return _value_and_vjp(lambda *a: dw.separable_conv2d(*a, d, impl), (x, wd, wp, bb), ct)
 
     got, want = jax.jit(lambda: run("ffi"))(), jax.jit(lambda: run("shift"))()
     for g_, w_ in zip(got, want):
