@@ -16,6 +16,9 @@ Rows:
   sep:<impl>       separable_conv2d (depthwise + pointwise to 16 + bias) for shift / ffi; for
                    "ffi" that is the fused C++ kernel, for "shift" depthwise + an einsum
   sep:ffi-unfused  depthwise(ffi) followed by an einsum (what fusion saves)
+  sep:ffi+act      separable_conv2d(prologue=...): BatchNorm scale/shift + LeakyReLU applied
+                   by the fused kernel to its input (the CONV RES and mid-branch case)
+  sep:ffi+xla-act  the same activation computed by XLA, then the plain fused kernel
   copy             y = 2 x on the layer's input: the memory-traffic floor of one pass
   tf:dw, tf:sep    Keras DepthwiseConv2D / SeparableConv2D under tf.function (--peer-python)
 
@@ -148,6 +151,14 @@ def run(args) -> list[dict]:
                 add(f"sep:{impl}", lambda x, wd, wp, bb, impl=impl: dw.separable_conv2d(x, wd, wp, bb, d, impl), sep_flops)
         if "ffi" in impls:
             add("sep:ffi-unfused", lambda x, wd, wp, bb: jnp.einsum("bhwc,cd->bhwd", dw.depthwise_conv2d(x, wd, d, "ffi"), wp) + bb, sep_flops)
+            scale, shift = jnp.full((c,), 1.1, jnp.float32), jnp.full((c,), 0.1, jnp.float32)
+            add("sep:ffi+act", lambda x, wd, wp, bb: dw.separable_conv2d(x, wd, wp, bb, d, "ffi", prologue=(scale, shift, 0.1)), sep_flops)
+
+            def xla_act_then_sep(x, wd, wp, bb):
+                z = x * scale + shift
+                return dw.separable_conv2d(jnp.where(z >= 0, z, 0.1 * z), wd, wp, bb, d, "ffi")
+
+            add("sep:ffi+xla-act", xla_act_then_sep, sep_flops)
         fns["copy fwd"] = (jax.jit(lambda x: 2.0 * x), 0.0)
 
         times = {name: [] for name in fns}

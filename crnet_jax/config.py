@@ -25,9 +25,10 @@ class ModelConfig:
       param_dtype: parameter dtype.
       depthwise_impl: depthwise convolution implementation ("auto" picks the fastest).
       remat: keep only each block's input for the backward pass and recompute its activations
-        there (`model.recompute_in_backward`). On by default: at 300 x 340 x 8 on the 2-core
-        CPU it cut the training step's compiled memory from 4.5 to 1.6 GiB and was not slower
-        (less memory traffic); at 128 x 128 it costs ~25% more time (benchmarks/RESULTS.md).
+        there (`model.recompute_in_backward`); training mode only. On by default: at
+        300 x 340 x 8 on the 2-core CPU it cut the training step's compiled memory from 5.1 to
+        1.6 GiB with step time within noise; the 64 x 64 default run takes 86 s with it,
+        80 s without (benchmarks/RESULTS.md).
     """
 
     in_channels: int = 1
