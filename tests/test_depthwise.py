@@ -284,7 +284,12 @@ def _np_preact_sep(x, a, b, wd, wp, bias, d, slope, ct):
     return y, dz * np.asarray(a, np.float64), (dz * x64).sum(axis=(0, 1, 2)), dz.sum(axis=(0, 1, 2)), dwd, dwp, dbias
 
 
-PREACT_CASES = [(2, 12, 11, 48, 16, 7, 5), (3, 8, 9, 1, 16, 5, 3), (1, 9, 10, 16, 16, 3, 1), (2, 10, 7, 20, 12, 3, 2)]
+# The first and third cases and the last five cover every (k, d) x (C, Co) instance the
+# kernels specialise at compile time ((48, 16) and (16, 16) for the network's (3, 1),
+# (5, 3), (7, 5)), at widths that take both the register-blocked and the border paths.
+PREACT_CASES = [(2, 12, 11, 48, 16, 7, 5), (3, 8, 9, 1, 16, 5, 3), (1, 9, 10, 16, 16, 3, 1), (2, 10, 7, 20, 12, 3, 2),
+                (1, 11, 40, 48, 16, 3, 1), (2, 14, 29, 48, 16, 5, 3), (1, 13, 47, 16, 16, 5, 3),
+                (1, 35, 50, 16, 16, 7, 5), (1, 33, 52, 48, 16, 7, 5)]
 
 
 @pytest.mark.parametrize(
