@@ -26,9 +26,9 @@ class ModelConfig:
       depthwise_impl: depthwise convolution implementation ("auto" picks the fastest).
       remat: keep only each block's input for the backward pass and recompute its activations
         there (`model.recompute_in_backward`); training mode only. On by default: at
-        300 x 340 x 8 on the 2-core CPU it cut the training step's compiled memory from 5.1 to
-        1.6 GiB with step time within noise; the 64 x 64 default run takes 86 s with it,
-        80 s without (benchmarks/RESULTS.md).
+        300 x 340 x 8 on the 2-core CPU it cuts the training step's compiled memory from 5.1 to
+        1.6 GiB (peak RSS 5.8 to 2.3 GiB) for 9% more time per step (5.95 against 5.47 s,
+        measured side by side; benchmarks/RESULTS.md, "third pass").
     """
 
     in_channels: int = 1
