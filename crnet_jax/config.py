@@ -27,8 +27,8 @@ class ModelConfig:
       remat: keep only each block's input for the backward pass and recompute its activations
         there (`model.recompute_in_backward`); training mode only. On by default: at
         300 x 340 x 8 on the 2-core CPU it cuts the training step's compiled memory from 5.1 to
-        1.6 GiB (peak RSS 5.8 to 2.3 GiB) for 9% more time per step (5.95 against 5.47 s,
-        measured side by side; benchmarks/RESULTS.md, "third pass").
+        1.6 GiB (peak RSS 5.8 to 2.3 GiB) for 6-9% more time per step (5.80 against 5.44 s
+        in one invocation; benchmarks/RESULTS.md, "third pass").
     """
 
     in_channels: int = 1
