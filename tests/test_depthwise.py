@@ -318,6 +318,18 @@ def test_separable_prologue_matches_reference(impl, b, h, w_, cin, cout, k, d):
 
 
 @needs_ffi
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+@pytest.mark.parametrize("case", [PREACT_CASES[-1], PREACT_CASES[-3]], ids=["48-7x7d5", "16-5x5d3"])
+def test_separable_prologue_other_instruction_sets(isa, case, monkeypatch):
+    """The separable kernels compiled for the narrower instruction sets (8 and 4 float lanes
+    per vector) against the same reference, on channel-specialised cases."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    monkeypatch.setenv("CRNET_DEPTHWISE_ISA", isa)
+    test_separable_prologue_matches_reference("ffi", *case)
+
+
+@needs_ffi
 def test_separable_prologue_vmap_and_bad_shapes():
     k, d, cin, cout = 5, 3, 16, 8
     keys = np.random.default_rng(5)
