@@ -20,7 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crnet_jax.config import ModelConfig
-from crnet_jax.layers import PointwiseConv, SeparableAtrousConv, batch_norm, batch_norm_scale_shift, leaky_relu
+from crnet_jax.layers import (
+    PointwiseConv,
+    SeparableAtrousConv,
+    batch_norm,
+    batch_norm_scale_shift,
+    leaky_relu,
+    separable_fanout,
+)
 
 
 def _dtypes(cfg: ModelConfig) -> dict:
@@ -47,6 +54,12 @@ class Branch(nnx.Module):
         scale, shift = batch_norm_scale_shift(self.bn, h)
         return self.conv2(h, (scale, shift, self.slope))
 
+    def finish_into(self, h: jax.Array, acc: jax.Array, offset: int) -> jax.Array:
+        """The branch after conv1: acc (B, H, W, L) with channels [offset, offset + filters)
+        increased by conv2(LeakyReLU(bn(h))), h = conv1's output (B, H, W, filters)."""
+        scale, shift = batch_norm_scale_shift(self.bn, h)
+        return self.conv2.into(acc, offset, h, (scale, shift, self.slope))
+
 
 class ResidualBlock(nnx.Module):
     """STEM (preactivate=False) or CONV RES (preactivate=True) block.
@@ -65,12 +78,21 @@ class ResidualBlock(nnx.Module):
         self.shortcut_bn = _bn(out, cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """shortcut_bn(shortcut_conv(x)) + concat(branches), computed without the concatenation:
+        the branches' first convolutions run as one fan-out from x (one input gradient in
+        the backward) and each second convolution adds into its channel slice of the
+        shortcut's output (reading its slice of the output gradient in the backward)."""
         prologue = None
         if self.pre_bn is not None:  # x0 = LeakyReLU(pre_bn(x)), folded into each branch's conv1
             scale, shift = batch_norm_scale_shift(self.pre_bn, x)
             prologue = (scale, shift, self.slope)
-        branches = jnp.concatenate([branch(x, prologue) for branch in self.branches], axis=-1)
-        return self.shortcut_bn(self.shortcut_conv(x)) + branches
+        hs = separable_fanout([branch.conv1 for branch in self.branches], x, prologue)
+        out = self.shortcut_bn(self.shortcut_conv(x))
+        offset = 0
+        for branch, h in zip(self.branches, hs):
+            out = branch.finish_into(h, out, offset)
+            offset += h.shape[-1]
+        return out
 
 
 def stem_block(in_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> ResidualBlock:

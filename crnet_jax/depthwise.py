@@ -33,7 +33,11 @@ Implementations (`impl=`):
 `separable_conv2d(..., impl="ffi")` (the CPU default) runs depthwise + pointwise + bias as
 one fused C++ kernel per direction, so the Cin-channel depthwise output never reaches main
 memory: on CPU these layers are memory-bound at 300x340x8, so this is worth 1.5-2x over
-depthwise(ffi) + einsum. Under a batch-sharded jit (data parallelism over devices or
+depthwise(ffi) + einsum. `separable_conv2d_into` adds a separable convolution into a
+channel slice of a wider tensor in place (its backward reads that slice of the gradient),
+and `separable_conv2d_fanout` runs several convolutions of one input whose backward
+accumulates one input gradient in place: a residual block then needs neither the
+concatenation of its branches nor XLA passes to slice and sum full-size gradients. Under a batch-sharded jit (data parallelism over devices or
 processes) the FFI calls run per device on the local images and the weight gradients are
 psum-ed (jax.experimental.custom_partitioning); under vmap the mapped axis is folded into
 the batch, so a vmapped call is still one kernel launch.
@@ -364,7 +368,8 @@ def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
     def raw_sep_bwd(x, a, b, wdw, wpw, dout):
         shapes = tuple(jax.ShapeDtypeStruct(s, f32) for s in (
             x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
-        return tuple(jax.ffi.ffi_call("crnet_separable_bwd", shapes)(x, a, b, wdw, wpw, dout, **attrs))
+        call = jax.ffi.ffi_call("crnet_separable_bwd", shapes)
+        return tuple(call(x, a, b, wdw, wpw, dout, **attrs, offset=np.int64(0)))
 
     p_sep_fwd = _batch_partitioned(
         raw_sep_fwd, "bwwwww", "b", "n h w c, g c, g c, g k l c, g c o, g o -> n h w o")
@@ -395,6 +400,88 @@ def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
         return tuple(_unfold(axis_size, o) for o in outs), (True,) * 6
 
     return sep_fwd, sep_bwd
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: int):
+    """custom_vmap-wrapped separable FFI calls on a channel slice of a wider tensor, and the
+    backward that accumulates its input gradient (see `_ffi_sep_ops` for the weights).
+
+      sep_into(x, a, b, wdw, wpw, bias, acc (N,H,W,L)) -> acc with channels
+          [offset, offset + Co) increased by the convolution (computed in place: the
+          result aliases acc)
+      sep_bwd_slice(x, a, b, wdw, wpw, dout (N,H,W,L)) -> (dx, da, db, dwdw, dwpw, dbias),
+          the output gradient read from channels [offset, offset + Co) of dout
+      sep_bwd_acc(x, a, b, wdw, wpw, dout, dx_in) -> as sep_bwd_slice with dx_in + dx
+          (in place: dx aliases dx_in)
+    All float32.
+    """
+    attrs = dict(
+        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
+        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
+        offset=np.int64(offset),
+    )
+    f32 = jnp.float32
+
+    def grad_shapes(x, a, b, wdw, wpw):
+        return tuple(jax.ShapeDtypeStruct(s, f32) for s in (
+            x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
+
+    def raw_into(x, a, b, wdw, wpw, bias, acc):
+        out = jax.ShapeDtypeStruct(acc.shape, f32)
+        call = jax.ffi.ffi_call("crnet_separable_fwd_into", out, input_output_aliases={6: 0})
+        return call(x, a, b, wdw, wpw, bias, acc, **attrs)
+
+    def raw_bwd_slice(x, a, b, wdw, wpw, dout):
+        call = jax.ffi.ffi_call("crnet_separable_bwd", grad_shapes(x, a, b, wdw, wpw))
+        return tuple(call(x, a, b, wdw, wpw, dout, **attrs))
+
+    def raw_bwd_acc(x, a, b, wdw, wpw, dout, dx_in):
+        call = jax.ffi.ffi_call("crnet_separable_bwd_acc", grad_shapes(x, a, b, wdw, wpw),
+                                input_output_aliases={6: 0})
+        return tuple(call(x, a, b, wdw, wpw, dout, dx_in, **attrs))
+
+    grads = "n h w c, g c, g c, g k l c, g c o, g o"
+    p_into = _batch_partitioned(raw_into, "bwwwwwb", "b", "n h w c, g c, g c, g k l c, g c o, g o, n h w m -> n h w m")
+    p_bwd_slice = _batch_partitioned(
+        raw_bwd_slice, "bwwwwb", "brrrrr", "n h w c, g c, g c, g k l c, g c o, n h w m -> " + grads)
+    p_bwd_acc = _batch_partitioned(
+        raw_bwd_acc, "bwwwwbb", "brrrrr", "n h w c, g c, g c, g k l c, g c o, n h w m, n h w c -> " + grads)
+
+    @jax.custom_batching.custom_vmap
+    def sep_into(x, a, b, wdw, wpw, bias, acc):
+        return p_into(x, a, b, wdw, wpw, bias, acc)
+
+    @sep_into.def_vmap
+    def _into_rule(axis_size, in_batched, x, a, b, wdw, wpw, bias, acc):
+        xb, *wbs, ab = in_batched
+        ws = _weights_rule(axis_size, wbs, (a, b, wdw, wpw, bias), per_element=False)
+        out = sep_into(_fold(axis_size, xb, x), *ws, _fold(axis_size, ab, acc))
+        return _unfold(axis_size, out), True
+
+    @jax.custom_batching.custom_vmap
+    def sep_bwd_slice(x, a, b, wdw, wpw, dout):
+        return tuple(p_bwd_slice(x, a, b, wdw, wpw, dout))
+
+    @sep_bwd_slice.def_vmap
+    def _bwd_slice_rule(axis_size, in_batched, x, a, b, wdw, wpw, dout):
+        xb, *wbs, gb = in_batched
+        ws = _weights_rule(axis_size, wbs, (a, b, wdw, wpw), per_element=True)
+        outs = sep_bwd_slice(_fold(axis_size, xb, x), *ws, _fold(axis_size, gb, dout))
+        return tuple(_unfold(axis_size, o) for o in outs), (True,) * 6
+
+    @jax.custom_batching.custom_vmap
+    def sep_bwd_acc(x, a, b, wdw, wpw, dout, dx_in):
+        return tuple(p_bwd_acc(x, a, b, wdw, wpw, dout, dx_in))
+
+    @sep_bwd_acc.def_vmap
+    def _bwd_acc_rule(axis_size, in_batched, x, a, b, wdw, wpw, dout, dx_in):
+        xb, *wbs, gb, ib = in_batched
+        ws = _weights_rule(axis_size, wbs, (a, b, wdw, wpw), per_element=True)
+        outs = sep_bwd_acc(_fold(axis_size, xb, x), *ws, _fold(axis_size, gb, dout), _fold(axis_size, ib, dx_in))
+        return tuple(_unfold(axis_size, o) for o in outs), (True,) * 6
+
+    return sep_into, sep_bwd_slice, sep_bwd_acc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -440,6 +527,70 @@ def _ffi_sep_bwd(d, isa, threads, slope, res, g):
 
 
 _ffi_sep.defvjp(_ffi_sep_fwd, _ffi_sep_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _ffi_sep_into(acc, x, a, b, wdw, wpw, bias, d: int, isa: int, threads: int, slope: float | None, offset: int):
+    sep_into = _ffi_slice_ops(d, isa, threads, slope, offset)[0]
+    f = jnp.float32
+    ws = (a, b, wdw, wpw, bias)
+    return sep_into(x.astype(f), *(w.astype(f)[None] for w in ws), acc.astype(f)).astype(acc.dtype)
+
+
+def _ffi_sep_into_fwd(acc, x, a, b, wdw, wpw, bias, d, isa, threads, slope, offset):
+    out = _ffi_sep_into(acc, x, a, b, wdw, wpw, bias, d, isa, threads, slope, offset)
+    return out, (x, a, b, wdw, wpw, bias)
+
+
+def _ffi_sep_into_bwd(d, isa, threads, slope, offset, res, g):
+    x, a, b, wdw, wpw, bias = res
+    sep_bwd_slice = _ffi_slice_ops(d, isa, threads, slope, offset)[1]
+    f = jnp.float32
+    dx, da, db, dwdw, dwpw, dbias = sep_bwd_slice(
+        x.astype(f), *(w.astype(f)[None] for w in (a, b, wdw, wpw)), g.astype(f))
+    return (g, dx.astype(x.dtype), da[0].astype(a.dtype), db[0].astype(b.dtype),
+            dwdw[0].astype(wdw.dtype), dwpw[0].astype(wpw.dtype), dbias[0].astype(bias.dtype))
+
+
+_ffi_sep_into.defvjp(_ffi_sep_into_fwd, _ffi_sep_into_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _ffi_sep_fanout(x, a, b, weights, dilations: tuple[int, ...], isa: int, threads: int, slope: float | None):
+    f = jnp.float32
+    outs = []
+    for (wdw, wpw, bias), d in zip(weights, dilations):
+        sep_fwd = _ffi_sep_ops(d, isa, threads, slope)[0]
+        outs.append(sep_fwd(x.astype(f), *(w.astype(f)[None] for w in (a, b, wdw, wpw, bias))).astype(x.dtype))
+    return tuple(outs)
+
+
+def _ffi_sep_fanout_fwd(x, a, b, weights, dilations, isa, threads, slope):
+    return _ffi_sep_fanout(x, a, b, weights, dilations, isa, threads, slope), (x, a, b, weights)
+
+
+def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, res, gs):
+    """One input gradient for all the convolutions: the first backward call writes it, the
+    others add to it in place, instead of XLA summing separate full-size gradients."""
+    x, a, b, weights = res
+    f = jnp.float32
+    xf, af, bf = x.astype(f), a.astype(f)[None], b.astype(f)[None]
+    dx = None
+    da = db = 0.0
+    dweights = []
+    for (wdw, wpw, bias), d, g in zip(weights, dilations, gs):
+        ws = (wdw.astype(f)[None], wpw.astype(f)[None])
+        if dx is None:
+            outs = _ffi_sep_ops(d, isa, threads, slope)[1](xf, af, bf, *ws, g.astype(f))
+        else:
+            outs = _ffi_slice_ops(d, isa, threads, slope, 0)[2](xf, af, bf, *ws, g.astype(f), dx)
+        dx, da_i, db_i, dwdw, dwpw, dbias = outs
+        da, db = da + da_i[0], db + db_i[0]
+        dweights.append((dwdw[0].astype(wdw.dtype), dwpw[0].astype(wpw.dtype), dbias[0].astype(bias.dtype)))
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), tuple(dweights)
+
+
+_ffi_sep_fanout.defvjp(_ffi_sep_fanout_fwd, _ffi_sep_fanout_bwd)
 
 
 def ffi_available() -> bool:
@@ -576,3 +727,94 @@ def separable_conv2d(
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+def _check_prologue(prologue, cin: int) -> None:
+    if prologue is not None:
+        scale, shift, _ = prologue
+        if scale.shape != (cin,) or shift.shape != (cin,):
+            raise ValueError(f"prologue scale/shift must have shape ({cin},), got {scale.shape}, {shift.shape}")
+
+
+def _ffi_ready(x: jax.Array, depthwise_kernel: jax.Array, dilation: int) -> int:
+    """Checks shapes and that the kernels are built (raising with the reason); returns d."""
+    k, d = _check(x, depthwise_kernel, dilation)
+    if k > 15 or not _ffi.available():
+        depthwise_conv2d_ffi(x, depthwise_kernel, dilation)  # raises with the reason
+    return d
+
+
+def separable_conv2d_into(
+    acc: jax.Array,
+    offset: int,
+    x: jax.Array,
+    depthwise_kernel: jax.Array,
+    pointwise_kernel: jax.Array,
+    bias: jax.Array | None,
+    dilation: int = 1,
+    impl: str = "auto",
+    *,
+    prologue: tuple[jax.Array, jax.Array, float] | None = None,
+) -> jax.Array:
+    """`acc` with channels [offset, offset + Cout) increased by `separable_conv2d(x, ...)`.
+
+    Shapes: acc (B, H, W, L) with offset + Cout <= L, x (B, H, W, Cin) -> (B, H, W, L), dtype
+    of acc. This is how a residual block adds its branches to the shortcut without a
+    concatenation: with impl "ffi" the kernel adds its result into the slice in place, and
+    its backward reads the output gradient from that slice of the block's gradient instead
+    of XLA copying the slice out. Values equal `acc.at[..., offset:offset + Cout].add(y)`.
+    """
+    impl = default_implementation() if impl == "auto" else impl
+    cin, cout = pointwise_kernel.shape
+    if cin != x.shape[-1]:
+        raise ValueError(f"pointwise kernel {pointwise_kernel.shape} does not match {x.shape[-1]} input channels")
+    if acc.ndim != 4 or acc.shape[:3] != x.shape[:3] or not 0 <= offset <= acc.shape[3] - cout:
+        raise ValueError(
+            f"acc {acc.shape} must be (B, H, W, L) with the image size of x {x.shape} and "
+            f"room for {cout} channels at offset {offset}")
+    _check_prologue(prologue, cin)
+    if impl == "ffi":
+        d = _ffi_ready(x, depthwise_kernel, dilation)
+        b = jnp.zeros((cout,), pointwise_kernel.dtype) if bias is None else bias
+        if prologue is None:
+            one = jnp.ones((cin,), jnp.float32)
+            args = (one, one, depthwise_kernel, pointwise_kernel, b, d, _isa_code(None), 0, None)
+        else:
+            scale, shift, slope = prologue
+            args = (scale, shift, depthwise_kernel, pointwise_kernel, b, d, _isa_code(None), 0, float(slope))
+        return _ffi_sep_into(acc, x, *args, int(offset))
+    y = separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias, dilation, impl, prologue=prologue)
+    return acc.at[..., offset : offset + cout].add(y.astype(acc.dtype))
+
+
+def separable_conv2d_fanout(
+    x: jax.Array,
+    convs: list[tuple[jax.Array, jax.Array, jax.Array | None, int]],
+    impl: str = "auto",
+    *,
+    prologue: tuple[jax.Array, jax.Array, float] | None = None,
+) -> list[jax.Array]:
+    """Several separable convolutions of the same input (and prologue):
+    `[separable_conv2d(x, dw, pw, bias, d, impl, prologue=prologue) for dw, pw, bias, d in convs]`.
+
+    Same values; with impl "ffi" the backward produces one input gradient, each kernel after
+    the first adding its contribution in place, instead of one full-size (B, H, W, Cin)
+    gradient per convolution summed by XLA afterwards.
+    """
+    impl = default_implementation() if impl == "auto" else impl
+    if impl != "ffi":
+        return [separable_conv2d(x, dw, pw, b, d, impl, prologue=prologue) for dw, pw, b, d in convs]
+    cin = x.shape[-1]
+    _check_prologue(prologue, cin)
+    weights, dilations = [], []
+    for dw, pw, b, dilation in convs:
+        if pw.shape[0] != cin:
+            raise ValueError(f"pointwise kernel {pw.shape} does not match {cin} input channels")
+        dilations.append(_ffi_ready(x, dw, dilation))
+        weights.append((dw, pw, jnp.zeros((pw.shape[1],), pw.dtype) if b is None else b))
+    if prologue is None:
+        one = jnp.ones((cin,), jnp.float32)
+        a, b_, slope = one, one, None
+    else:
+        a, b_, slope = prologue[0], prologue[1], float(prologue[2])
+    return list(_ffi_sep_fanout(x, a, b_, tuple(weights), tuple(dilations), _isa_code(None), 0, slope))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from crnet_jax.depthwise import separable_conv2d
+from crnet_jax.depthwise import separable_conv2d, separable_conv2d_fanout, separable_conv2d_into
 
 
 def he_truncated_normal(fan_in: int) -> nnx.Initializer:
@@ -79,6 +79,26 @@ class SeparableAtrousConv(nnx.Module):
             prologue=prologue,
         )
 
+    def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+        return (self.depthwise_kernel[...].astype(self.dtype), self.pointwise_kernel[...].astype(self.dtype),
+                self.bias[...].astype(self.dtype), self.dilation)
+
+    def into(self, acc: jax.Array, offset: int, x: jax.Array,
+             prologue: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
+        """acc (B, H, W, L) with channels [offset, offset + Cout) increased by self(x, prologue);
+        in place in the C++ kernels (see `separable_conv2d_into`)."""
+        return separable_conv2d_into(acc, offset, x.astype(self.dtype), *self._weights(), impl=self.impl,
+                                     prologue=prologue)
+
+
+def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,
+                     prologue: tuple[jax.Array, jax.Array, float] | None = None) -> list[jax.Array]:
+    """[conv(x, prologue) for conv in convs] for convolutions of one implementation; their
+    backward produces one input gradient (see `separable_conv2d_fanout`)."""
+    if len({(conv.impl, conv.dtype) for conv in convs}) != 1:
+        return [conv(x, prologue) for conv in convs]
+    weights = [conv._weights() for conv in convs]
+    return separable_conv2d_fanout(x.astype(convs[0].dtype), weights, convs[0].impl, prologue=prologue)
 
 class PointwiseConv(nnx.Module):
     """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,)."""

@@ -344,6 +344,108 @@ def test_separable_prologue_vmap_and_bad_shapes():
         dw.separable_conv2d(x[0], wd, wp, bb, d, "ffi", prologue=(a[0, :3], sh[0], 0.1))
 
 
+# Channel-slice outputs and shared-input gradients (how a residual block calls the kernels)
+# cases: (B, H, W, Cin, Cout, (k, d) per convolution, L (acc channels), offsets, prologue, bias)
+SLICE_CASES = [
+    (2, 12, 11, 48, 16, ((3, 1), (5, 3), (7, 5)), 48, (0, 16, 32), True, True),
+    (1, 9, 13, 16, 16, ((7, 5), (3, 1)), 37, (19, 2), True, False),
+    (2, 8, 9, 1, 12, ((5, 3), (3, 1)), 30, (0, 13), False, True),
+]
+
+
+@pytest.mark.parametrize("impl", [pytest.param("ffi", marks=needs_ffi), "shift"])
+@pytest.mark.parametrize("case", SLICE_CASES, ids=["block", "odd-offsets", "stem-like"])
+def test_separable_fanout_and_into_match_composition(impl, case):
+    """separable_conv2d_fanout (several convolutions of one input) feeding
+    separable_conv2d_into (each result added into a channel slice of acc): value and every
+    gradient against the XLA composition (separate convolutions, concatenation-free
+    `.at[].add`), offsets that are and are not multiples of the vector width."""
+    b, h, w_, cin, cout, kds, width, offsets, pre, has_bias = case
+    keys = np.random.default_rng(b * h + cin + width)
+    x, acc = _rand(keys, (b, h, w_, cin)), _rand(keys, (b, h, w_, width))
+    a, sh = 1.0 + 0.5 * _rand(keys, (cin,)), 0.3 * _rand(keys, (cin,))
+    conv1 = [(_rand(keys, (k, k, cin)), _rand(keys, (cin, cout)) / np.sqrt(cin),
+              _rand(keys, (cout,)) if has_bias else None) for k, _ in kds]
+    conv2 = [(_rand(keys, (k, k, cout)), _rand(keys, (cout, cout)) / np.sqrt(cout), _rand(keys, (cout,)))
+             for k, _ in kds]
+    a2, sh2 = 1.0 + 0.5 * _rand(keys, (cout,)), 0.3 * _rand(keys, (cout,))
+    ct = _rand(keys, (b, h, w_, width))
+
+    def f(impl, x, a, sh, acc, conv1, conv2, a2, sh2):
+        prologue = (a, sh, 0.1) if pre else None
+        hs = dw.separable_conv2d_fanout(x, [(*c, d) for c, (_, d) in zip(conv1, kds)], impl, prologue=prologue)
+        out = acc
+        for hh, c, (_, d), off in zip(hs, conv2, kds, offsets):
+            out = dw.separable_conv2d_into(out, off, hh, *c, d, impl, prologue=(a2, sh2, 0.1))
+        return out
+
+    args = (x, a, sh, acc, conv1, conv2, a2, sh2)
+    got = jax.jit(lambda *args: _value_and_vjp(lambda *a: f(impl, *a), args, ct))(*args)
+    want = jax.jit(lambda *args: _value_and_vjp(lambda *a: f("xla", *a), args, ct))(*args)
+    names = ["out", "dx", "da", "dshift", "dacc", "dconv1", "dconv2", "da2", "dshift2"]
+    for name, g_, w_ in zip(names, got, want):
+        for gl, wl in zip(jax.tree.leaves(g_), jax.tree.leaves(w_)):
+            _close(gl, wl, 2e-5, name)
+    if not pre:  # the prologue is unused: no gradient flows to it
+        np.testing.assert_array_equal(np.asarray(got[2]), 0.0)
+
+
+@needs_ffi
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_separable_fanout_and_into_other_instruction_sets(isa, monkeypatch):
+    """The slice and accumulation paths compiled for 8 and 4 float lanes per vector."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    monkeypatch.setenv("CRNET_DEPTHWISE_ISA", isa)
+    for case in SLICE_CASES[:2]:
+        test_separable_fanout_and_into_match_composition("ffi", case)
+
+
+@needs_ffi
+def test_separable_into_vmap_sharded_and_bad_shapes():
+    """The slice kernels under vmap (folded into the batch) and under a batch-sharded jit
+    (run per device, weight gradients summed), and the argument checks."""
+    k, d, cin, cout, width = 5, 3, 16, 8, 20
+    keys = np.random.default_rng(21)
+    x, acc = _rand(keys, (2, 2, 9, 8, cin)), _rand(keys, (2, 2, 9, 8, width))
+    wd, wp, bb = _rand(keys, (k, k, cin)), _rand(keys, (cin, cout)) / 4, _rand(keys, (cout,))
+
+    def f(impl, x, acc):
+        (h,) = dw.separable_conv2d_fanout(x, [(wd, wp, bb, d)], impl)
+        return dw.separable_conv2d_into(acc, 5, h[..., :cin // 2].repeat(2, -1), wd, wp, bb, d, impl)
+
+    got = jax.jit(jax.vmap(lambda x, acc: f("ffi", x, acc)))(x, acc)
+    want = jax.vmap(lambda x, acc: f("xla", x, acc))(x, acc)
+    _close(got, want, 1e-5)
+
+    n = min(jax.device_count(), 4)
+    if n >= 2:
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        data = NamedSharding(mesh, P("data"))
+        xs, accs = _rand(keys, (2 * n, 9, 8, cin)), _rand(keys, (2 * n, 9, 8, width))
+
+        def loss(impl, x, acc, wd, wp, bb):
+            out = dw.separable_conv2d_into(acc, 3, x[..., :cin], wd, wp, bb, d, impl, prologue=(wp[:, 0], wp[:, 1], 0.1))
+            (h,) = dw.separable_conv2d_fanout(out[..., :cin], [(wd, wp, bb, d)], impl)
+            return jnp.sum(jnp.sin(out)) + jnp.sum(h ** 2)
+
+        grad = lambda impl: jax.value_and_grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2, 3, 4))  # noqa: E731
+        fs = jax.jit(grad("ffi"), in_shardings=(data, data, None, None, None))
+        got = fs(jax.device_put(xs, data), jax.device_put(accs, data), wd, wp, bb)
+        want = jax.jit(grad("xla"))(xs, accs, wd, wp, bb)
+        for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            _close(gl, wl, 1e-5)
+        hlo = fs.lower(jax.device_put(xs, data), jax.device_put(accs, data), wd, wp, bb).compile().as_text()
+        assert "all-gather(" not in hlo
+
+    with pytest.raises(ValueError, match="room for 8 channels at offset 13"):
+        dw.separable_conv2d_into(acc[0], 13, x[0], wd, wp, bb, d, "ffi")
+    with pytest.raises(ValueError, match="does not match 16 input channels"):
+        dw.separable_conv2d_fanout(x[0], [(wd, wp[:3], bb, d)], "ffi")
+
+
 # ---------------------------------------------------------------------------------------
 # Threads, determinism, selection, errors
 # ---------------------------------------------------------------------------------------

@@ -281,11 +281,25 @@ crnet_dw::Prologue prologue(bool preact, const float* a, const float* b, float s
   return p;
 }
 
-ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
-                      ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
-                      ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> bias,
-                      ffi::ResultBuffer<ffi::F32> out, int64_t dilation, int64_t isa,
-                      int64_t threads, int64_t preact, float slope) {
+// The Co-channel side of a separable call: a tensor (N, H, W, ld) of which channels
+// [offset, offset + Co) are the convolution's output (forward) or its gradient (backward).
+ffi::Error check_slice(ffi::Span<const int64_t> od, const SepShape& sh, int64_t offset,
+                       const char* what) {
+  if (od.size() != 4 || od[0] != sh.N || od[1] != sh.H || od[2] != sh.W || offset < 0 ||
+      od[3] < offset + sh.Co)
+    return ffi::Error::InvalidArgument(std::string(what) +
+                                       " must have shape (N, H, W, >= offset + Co)");
+  return ffi::Error::Success();
+}
+
+// Forward into channels [offset, offset + Co) of out (N, H, W, ld); accumulate: out holds
+// the values to add to (the caller aliased it to an input).
+ffi::Error SepFwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& a,
+                        ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& wdw,
+                        ffi::Buffer<ffi::F32>& wpw, ffi::Buffer<ffi::F32>& bias,
+                        ffi::ResultBuffer<ffi::F32>& out, int64_t offset, bool accumulate,
+                        int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
+                        float slope) {
   SepShape sh;
   if (auto e = check_separable(x.dimensions(), wdw.dimensions(), wpw.dimensions(),
                                a.dimensions(), b.dimensions(), dilation, sh);
@@ -294,7 +308,10 @@ ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const auto bd = bias.dimensions();
   if (bd.size() != 2 || bd[0] != sh.G || bd[1] != sh.Co)
     return ffi::Error::InvalidArgument("bias must have shape (G, Co)");
+  if (auto e = check_slice(out->dimensions(), sh, offset, "out"); e.failure()) return e;
   const int64_t N = sh.N, H = sh.H, W = sh.W, C = sh.C, Co = sh.Co, G = sh.G, k = sh.k;
+  const int64_t ldo = out->dimensions()[3];
+  const crnet_dw::SepIO io{ldo, accumulate};
   const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * (k * k + Co), 32);
   const float* xp = x.typed_data();
   const float* ap = a.typed_data();
@@ -303,36 +320,64 @@ ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* wpp = wpw.typed_data();
   const float* bp = bias.typed_data();
   float* op = out->typed_data();
-  const bool nt = use_streaming(op, N * H * W * Co, Co);
+  const bool nt = !accumulate && ldo == Co && use_streaming(op, N * H * W * Co, Co);
   const int64_t per_group = N / G;
   parallel_for(pool, pl.threads, N * pl.bands, [=](int64_t unit) {
     const int64_t n = unit / pl.bands, bnd = unit % pl.bands, g = n / per_group;
     const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    crnet_dw::sep_fwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C),
-                           wdp + g * k * k * C, wpp + g * C * Co, bp + g * Co, op + n * H * W * Co,
-                           H, W, C, Co, k, dilation, i0, i1, nt);
+    crnet_dw::sep_fwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C), io,
+                           wdp + g * k * k * C, wpp + g * C * Co, bp + g * Co,
+                           op + n * H * W * ldo + offset, H, W, C, Co, k, dilation, i0, i1, nt);
     if (nt) crnet_dw::sfence();
   });
   return ffi::Error::Success();
 }
 
-ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
                       ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
-                      ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> dout,
-                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> da,
-                      ffi::ResultBuffer<ffi::F32> db_pre, ffi::ResultBuffer<ffi::F32> dwdw,
-                      ffi::ResultBuffer<ffi::F32> dwpw, ffi::ResultBuffer<ffi::F32> db,
-                      int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
-                      float slope) {
+                      ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> bias,
+                      ffi::ResultBuffer<ffi::F32> out, int64_t dilation, int64_t isa,
+                      int64_t threads, int64_t preact, float slope) {
+  return SepFwdCommon(pool, x, a, b, wdw, wpw, bias, out, 0, false, dilation, isa, threads,
+                      preact, slope);
+}
+
+// out = acc with channels [offset, offset + Co) increased by the separable convolution;
+// out is aliased to acc by the caller (a copy is made here if it is not).
+ffi::Error SepFwdIntoImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                          ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
+                          ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> bias,
+                          ffi::Buffer<ffi::F32> acc, ffi::ResultBuffer<ffi::F32> out,
+                          int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
+                          float slope, int64_t offset) {
+  const auto ad = acc.dimensions(), od = out->dimensions();
+  if (ad.size() != od.size() || !std::equal(ad.begin(), ad.end(), od.begin()))
+    return ffi::Error::InvalidArgument("acc and out must have the same shape");
+  if (acc.typed_data() != out->typed_data())
+    std::memcpy(out->typed_data(), acc.typed_data(), acc.size_bytes());
+  return SepFwdCommon(pool, x, a, b, wdw, wpw, bias, out, offset, true, dilation, isa, threads,
+                      preact, slope);
+}
+
+// Backward reading the output gradient from channels [offset, offset + Co) of dout
+// (N, H, W, ld); accumulate: dx holds the values to add the input gradient to.
+ffi::Error SepBwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& a,
+                        ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& wdw,
+                        ffi::Buffer<ffi::F32>& wpw, ffi::Buffer<ffi::F32>& dout,
+                        ffi::ResultBuffer<ffi::F32>& dx, ffi::ResultBuffer<ffi::F32>& da,
+                        ffi::ResultBuffer<ffi::F32>& db_pre, ffi::ResultBuffer<ffi::F32>& dwdw,
+                        ffi::ResultBuffer<ffi::F32>& dwpw, ffi::ResultBuffer<ffi::F32>& db,
+                        int64_t offset, bool accumulate, int64_t dilation, int64_t isa,
+                        int64_t threads, int64_t preact, float slope) {
   SepShape sh;
   if (auto e = check_separable(x.dimensions(), wdw.dimensions(), wpw.dimensions(),
                                a.dimensions(), b.dimensions(), dilation, sh);
       e.failure())
     return e;
   const int64_t N = sh.N, H = sh.H, W = sh.W, C = sh.C, Co = sh.Co, G = sh.G, k = sh.k;
-  const auto od = dout.dimensions();
-  if (od.size() != 4 || od[0] != N || od[1] != H || od[2] != W || od[3] != Co)
-    return ffi::Error::InvalidArgument("dout must have shape (N, H, W, Co)");
+  if (auto e = check_slice(dout.dimensions(), sh, offset, "dout"); e.failure()) return e;
+  const int64_t ldo = dout.dimensions()[3];
+  const crnet_dw::SepIO io{ldo, accumulate};
   // Fewer, taller bands here: each band recomputes k - 1 halo rows of dout @ wpw^T.
   const Plan pl = make_plan(pool, isa, threads, N, H,
                             double(N) * H * W * C * (3 * k * k + 2 * Co), 16);
@@ -355,20 +400,20 @@ ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* wdp = wdw.typed_data();
   const float* wfp = wflip.data();
   const float* wtp = wpwT.data();
-  const float* gp = dout.typed_data();
+  const float* gp = dout.typed_data() + offset;
   float* dxp = dx->typed_data();
   float* pdw = part_dw.data();
   float* ppw = part_pw.data();
   float* pb = part_b.data();
   float* psa = part_sa.data();
   float* psb = part_sb.data();
-  const bool nt = use_streaming(dxp, N * H * W * C, C);
+  const bool nt = !accumulate && use_streaming(dxp, N * H * W * C, C);
   const int64_t per_group = N / G;
   parallel_for(pool, pl.threads, units, [=](int64_t unit) {
     const int64_t n = unit / pl.bands, bnd = unit % pl.bands, g = n / per_group;
     const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    crnet_dw::sep_bwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C),
-                           wdp + g * kkc, wfp + g * kkc, wtp + g * cco, gp + n * H * W * Co,
+    crnet_dw::sep_bwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C), io,
+                           wdp + g * kkc, wfp + g * kkc, wtp + g * cco, gp + n * H * W * ldo,
                            dxp + n * H * W * C, pdw + unit * kkc, ppw + unit * cco, pb + unit * Co,
                            psa + unit * C, psb + unit * C, H, W, C, Co, k, dilation, i0, i1, nt);
     if (nt) crnet_dw::sfence();
@@ -379,6 +424,37 @@ ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   reduce_partials(ppw, units, cco, G, dwpw->typed_data());
   reduce_partials(pb, units, Co, G, db->typed_data());
   return ffi::Error::Success();
+}
+
+ffi::Error SepBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                      ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
+                      ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> dout,
+                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> da,
+                      ffi::ResultBuffer<ffi::F32> db_pre, ffi::ResultBuffer<ffi::F32> dwdw,
+                      ffi::ResultBuffer<ffi::F32> dwpw, ffi::ResultBuffer<ffi::F32> db,
+                      int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
+                      float slope, int64_t offset) {
+  return SepBwdCommon(pool, x, a, b, wdw, wpw, dout, dx, da, db_pre, dwdw, dwpw, db, offset,
+                      false, dilation, isa, threads, preact, slope);
+}
+
+// As SepBwdImpl with dx = dx_in + the input gradient; dx is aliased to dx_in by the caller
+// (a copy is made here if it is not).
+ffi::Error SepBwdAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                         ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
+                         ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> dout,
+                         ffi::Buffer<ffi::F32> dx_in, ffi::ResultBuffer<ffi::F32> dx,
+                         ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> db_pre,
+                         ffi::ResultBuffer<ffi::F32> dwdw, ffi::ResultBuffer<ffi::F32> dwpw,
+                         ffi::ResultBuffer<ffi::F32> db, int64_t dilation, int64_t isa,
+                         int64_t threads, int64_t preact, float slope, int64_t offset) {
+  const auto xd = x.dimensions(), id = dx_in.dimensions();
+  if (xd.size() != id.size() || !std::equal(xd.begin(), xd.end(), id.begin()))
+    return ffi::Error::InvalidArgument("dx_in must have the shape of x");
+  if (dx_in.typed_data() != dx->typed_data())
+    std::memcpy(dx->typed_data(), dx_in.typed_data(), dx_in.size_bytes());
+  return SepBwdCommon(pool, x, a, b, wdw, wpw, dout, dx, da, db_pre, dwdw, dwpw, db, offset,
+                      true, dilation, isa, threads, preact, slope);
 }
 
 }  // namespace
@@ -405,6 +481,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetDepthwiseBwd, BwdImpl,
                                   CRNET_ATTRS);
 
 #define CRNET_SEP_ATTRS CRNET_ATTRS.Attr<int64_t>("preact").Attr<float>("slope")
+#define CRNET_SLICE_ATTRS CRNET_SEP_ATTRS.Attr<int64_t>("offset")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwd, SepFwdImpl,
                               ffi::Ffi::Bind()
@@ -417,6 +494,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwd, SepFwdImpl,
                                   .Arg<F32Buf>()  // bias
                                   .Ret<F32Buf>()  // out
                                   CRNET_SEP_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwdInto, SepFwdIntoImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // a (prologue scale)
+                                  .Arg<F32Buf>()  // b (prologue shift)
+                                  .Arg<F32Buf>()  // wdw
+                                  .Arg<F32Buf>()  // wpw
+                                  .Arg<F32Buf>()  // bias
+                                  .Arg<F32Buf>()  // acc (N, H, W, ld)
+                                  .Ret<F32Buf>()  // out (aliases acc)
+                                  CRNET_SLICE_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwd, SepBwdImpl,
                               ffi::Ffi::Bind()
@@ -433,7 +523,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwd, SepBwdImpl,
                                   .Ret<F32Buf>()  // dwdw
                                   .Ret<F32Buf>()  // dwpw
                                   .Ret<F32Buf>()  // dbias
-                                  CRNET_SEP_ATTRS);
+                                  CRNET_SLICE_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwdAcc, SepBwdAccImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // a
+                                  .Arg<F32Buf>()  // b
+                                  .Arg<F32Buf>()  // wdw
+                                  .Arg<F32Buf>()  // wpw
+                                  .Arg<F32Buf>()  // dout (N, H, W, ld)
+                                  .Arg<F32Buf>()  // dx_in
+                                  .Ret<F32Buf>()  // dx (aliases dx_in)
+                                  .Ret<F32Buf>()  // da
+                                  .Ret<F32Buf>()  // db (prologue shift)
+                                  .Ret<F32Buf>()  // dwdw
+                                  .Ret<F32Buf>()  // dwpw
+                                  .Ret<F32Buf>()  // dbias
+                                  CRNET_SLICE_ATTRS);
 
 // ------------------------------------------------------------------------------------
 // Python module: registrations() -> {target name: PyCapsule}, best_isa() -> int.
@@ -451,7 +559,9 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
   if (!add("crnet_depthwise_fwd", reinterpret_cast<void*>(CrnetDepthwiseFwd)) ||
       !add("crnet_depthwise_bwd", reinterpret_cast<void*>(CrnetDepthwiseBwd)) ||
       !add("crnet_separable_fwd", reinterpret_cast<void*>(CrnetSeparableFwd)) ||
-      !add("crnet_separable_bwd", reinterpret_cast<void*>(CrnetSeparableBwd))) {
+      !add("crnet_separable_bwd", reinterpret_cast<void*>(CrnetSeparableBwd)) ||
+      !add("crnet_separable_fwd_into", reinterpret_cast<void*>(CrnetSeparableFwdInto)) ||
+      !add("crnet_separable_bwd_acc", reinterpret_cast<void*>(CrnetSeparableBwdAcc))) {
     Py_DECREF(d);
     return nullptr;
   }

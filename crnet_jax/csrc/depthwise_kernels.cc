@@ -57,18 +57,18 @@ void bwd_band(int isa, const float* x, const float* dy, const float* wflip, floa
   CRNET_ISA_CALL(bwd_band, x, dy, wflip, dx, part, H, W, C, k, d, i0, i1, nt);
 }
 
-void sep_fwd_band(int isa, const float* x, const Prologue& pre, const float* wdw,
+void sep_fwd_band(int isa, const float* x, const Prologue& pre, const SepIO& io, const float* wdw,
                   const float* wpw, const float* bias, float* out, int64_t H, int64_t W,
                   int64_t C, int64_t Co, int64_t k, int64_t d, int64_t i0, int64_t i1, bool nt) {
-  CRNET_ISA_CALL(sep_fwd_band, x, pre, wdw, wpw, bias, out, H, W, C, Co, k, d, i0, i1, nt);
+  CRNET_ISA_CALL(sep_fwd_band, x, pre, io, wdw, wpw, bias, out, H, W, C, Co, k, d, i0, i1, nt);
 }
 
-void sep_bwd_band(int isa, const float* x, const Prologue& pre, const float* wdw,
+void sep_bwd_band(int isa, const float* x, const Prologue& pre, const SepIO& io, const float* wdw,
                   const float* wflip, const float* wpwT, const float* dout, float* dx,
                   float* part_dw, float* part_pw, float* part_b, float* part_sa, float* part_sb,
                   int64_t H, int64_t W, int64_t C, int64_t Co, int64_t k, int64_t d, int64_t i0,
                   int64_t i1, bool nt) {
-  CRNET_ISA_CALL(sep_bwd_band, x, pre, wdw, wflip, wpwT, dout, dx, part_dw, part_pw, part_b,
+  CRNET_ISA_CALL(sep_bwd_band, x, pre, io, wdw, wflip, wpwT, dout, dx, part_dw, part_pw, part_b,
                  part_sa, part_sb, H, W, C, Co, k, d, i0, i1, nt);
 }
 

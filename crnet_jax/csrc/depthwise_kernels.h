@@ -39,9 +39,19 @@ struct Prologue {
   float slope = 1.f;
 };
 
+// Where the separable kernels put their Co-channel side and how: `ldo` is the number of
+// channels between consecutive pixels of out (forward) and dout (backward), 0 meaning Co,
+// so a kernel can write or read a channel slice [o, o + Co) of a wider tensor (the caller
+// offsets the pointer by o); `accumulate` adds the forward result to out, and the backward
+// input gradient to dx, instead of overwriting them (no non-temporal stores then).
+struct SepIO {
+  int64_t ldo = 0;
+  bool accumulate = false;
+};
+
 // Fused separable convolution: out (H, W, Co) = depthwise(x0, wdw) @ wpw (C, Co) + bias
 // (bias may be null), x0 = x or its prologue.
-void sep_fwd_band(int isa, const float* x, const Prologue& pre, const float* wdw, const float* wpw,
+void sep_fwd_band(int isa, const float* x, const Prologue& pre, const SepIO& io, const float* wdw, const float* wpw,
                   const float* bias, float* out, int64_t H, int64_t W, int64_t C, int64_t Co,
                   int64_t k, int64_t d, int64_t i0, int64_t i1, bool nt);
 
@@ -51,7 +61,7 @@ void sep_fwd_band(int isa, const float* x, const Prologue& pre, const float* wdw
 // dx is the gradient with respect to the raw x and, with dz = d(a x + b),
 // part_sa (C) += sum dz * x and part_sb (C) += sum dz over rows [i0, i1) (the gradients
 // of a and b); without one part_sa / part_sb are untouched (may be null).
-void sep_bwd_band(int isa, const float* x, const Prologue& pre, const float* wdw, const float* wflip,
+void sep_bwd_band(int isa, const float* x, const Prologue& pre, const SepIO& io, const float* wdw, const float* wflip,
                   const float* wpwT, const float* dout, float* dx, float* part_dw,
                   float* part_pw, float* part_b, float* part_sa, float* part_sb,
                   int64_t H, int64_t W, int64_t C, int64_t Co,

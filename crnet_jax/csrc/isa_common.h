@@ -24,10 +24,11 @@
                 int64_t, int64_t, int64_t, bool);                                            \
   void bwd_band(const float*, const float*, const float*, float*, float*, int64_t, int64_t,  \
                 int64_t, int64_t, int64_t, int64_t, int64_t, bool);                          \
-  void sep_fwd_band(const float*, const Prologue&, const float*, const float*, const float*,  \
+  void sep_fwd_band(const float*, const Prologue&, const SepIO&, const float*, const float*,  \
+                    const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,       \
+                    int64_t, int64_t, int64_t, bool);                                        \
+  void sep_bwd_band(const float*, const Prologue&, const SepIO&, const float*, const float*,  \
+                    const float*, const float*, float*, float*, float*, float*, float*,      \
                     float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,   \
                     int64_t, bool);                                                          \
-  void sep_bwd_band(const float*, const Prologue&, const float*, const float*, const float*, \
-                    const float*, float*, float*, float*, float*, float*, float*, int64_t,   \
-                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool);    \
   }
