@@ -54,11 +54,12 @@ class Branch(nnx.Module):
         scale, shift = batch_norm_scale_shift(self.bn, h)
         return self.conv2(h, (scale, shift, self.slope))
 
-    def finish_into(self, h: jax.Array, acc: jax.Array, offset: int) -> jax.Array:
+    def finish_into(self, h: jax.Array, acc: jax.Array, offset: int, extra_bias: jax.Array | None = None) -> jax.Array:
         """The branch after conv1: acc (B, H, W, L) with channels [offset, offset + filters)
-        increased by conv2(LeakyReLU(bn(h))), h = conv1's output (B, H, W, filters)."""
+        increased by conv2(LeakyReLU(bn(h))) (+ extra_bias (filters,)), h = conv1's output
+        (B, H, W, filters)."""
         scale, shift = batch_norm_scale_shift(self.bn, h)
-        return self.conv2.into(acc, offset, h, (scale, shift, self.slope))
+        return self.conv2.into(acc, offset, h, (scale, shift, self.slope), extra_bias)
 
 
 class ResidualBlock(nnx.Module):
@@ -87,12 +88,28 @@ class ResidualBlock(nnx.Module):
             scale, shift = batch_norm_scale_shift(self.pre_bn, x)
             prologue = (scale, shift, self.slope)
         hs = separable_fanout([branch.conv1 for branch in self.branches], x, prologue)
-        out = self.shortcut_bn(self.shortcut_conv(x))
+        out, bias = self._shortcut(x)
         offset = 0
         for branch, h in zip(self.branches, hs):
-            out = branch.finish_into(h, out, offset)
-            offset += h.shape[-1]
+            f = h.shape[-1]
+            out = branch.finish_into(h, out, offset, None if bias is None else bias[offset : offset + f])
+            offset += f
         return out
+
+    def _shortcut(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """shortcut_bn(shortcut_conv(x)) as (values, None); in inference mode, where the
+        BatchNorm is a fixed affine map, as (x @ folded kernel, folded bias): its scale is
+        folded into the 1x1 kernel and the bias is left for the caller to add (the branches'
+        kernels add it with their own), so the shortcut is one matrix product and no
+        elementwise pass over the (B, H, W, 3 * filters) tensor."""
+        if not self.shortcut_bn.use_running_average:
+            return self.shortcut_bn(self.shortcut_conv(x)), None
+        conv = self.shortcut_conv
+        scale, shift = batch_norm_scale_shift(self.shortcut_bn, x)
+        kernel = conv.kernel[...].astype(jnp.float32) * scale
+        bias = conv.bias[...].astype(jnp.float32) * scale + shift
+        y = jnp.einsum("bhwc,cd->bhwd", x.astype(conv.dtype), kernel.astype(conv.dtype))
+        return y, bias
 
 
 def stem_block(in_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> ResidualBlock:

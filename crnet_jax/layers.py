@@ -84,10 +84,15 @@ class SeparableAtrousConv(nnx.Module):
                 self.bias[...].astype(self.dtype), self.dilation)
 
     def into(self, acc: jax.Array, offset: int, x: jax.Array,
-             prologue: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
-        """acc (B, H, W, L) with channels [offset, offset + Cout) increased by self(x, prologue);
-        in place in the C++ kernels (see `separable_conv2d_into`)."""
-        return separable_conv2d_into(acc, offset, x.astype(self.dtype), *self._weights(), impl=self.impl,
+             prologue: tuple[jax.Array, jax.Array, float] | None = None,
+             extra_bias: jax.Array | None = None) -> jax.Array:
+        """acc (B, H, W, L) with channels [offset, offset + Cout) increased by self(x, prologue)
+        (+ extra_bias (Cout,) if given); in place in the C++ kernels (see
+        `separable_conv2d_into`)."""
+        dwk, pwk, bias, dilation = self._weights()
+        if extra_bias is not None:
+            bias = bias + extra_bias.astype(self.dtype)
+        return separable_conv2d_into(acc, offset, x.astype(self.dtype), dwk, pwk, bias, dilation, impl=self.impl,
                                      prologue=prologue)
 
 
