@@ -12,6 +12,11 @@ branch) is computed as SepConv with a prologue: the BatchNorm contributes per-ch
 LeakyReLU(scale * x + shift) to its input on the fly (`separable_conv2d(prologue=...)`),
 so neither the normalised nor the activated tensor is stored: in training only the raw
 convolution inputs are kept for the backward pass.
+
+The concatenation is never formed: each branch's second convolution adds its output into
+its channel slice of the shortcut's output (`separable_conv2d_into`), and the three first
+convolutions run as one fan-out from the block input (`separable_conv2d_fanout`), which in
+training also returns their outputs' batch moments for the branches' BatchNorms.
 """
 from __future__ import annotations
 
@@ -54,11 +59,12 @@ class Branch(nnx.Module):
         scale, shift = batch_norm_scale_shift(self.bn, h)
         return self.conv2(h, (scale, shift, self.slope))
 
-    def finish_into(self, h: jax.Array, acc: jax.Array, offset: int, extra_bias: jax.Array | None = None) -> jax.Array:
+    def finish_into(self, h: jax.Array, acc: jax.Array, offset: int, extra_bias: jax.Array | None = None,
+                    moments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         """The branch after conv1: acc (B, H, W, L) with channels [offset, offset + filters)
         increased by conv2(LeakyReLU(bn(h))) (+ extra_bias (filters,)), h = conv1's output
-        (B, H, W, filters)."""
-        scale, shift = batch_norm_scale_shift(self.bn, h)
+        (B, H, W, filters); moments: h's batch moments if already known (training)."""
+        scale, shift = batch_norm_scale_shift(self.bn, h, moments)
         return self.conv2.into(acc, offset, h, (scale, shift, self.slope), extra_bias)
 
 
@@ -87,12 +93,18 @@ class ResidualBlock(nnx.Module):
         if self.pre_bn is not None:  # x0 = LeakyReLU(pre_bn(x)), folded into each branch's conv1
             scale, shift = batch_norm_scale_shift(self.pre_bn, x)
             prologue = (scale, shift, self.slope)
-        hs = separable_fanout([branch.conv1 for branch in self.branches], x, prologue)
+        # In training the first convolutions also return their outputs' batch moments, summed
+        # by the kernels as they write them, for the branches' BatchNorms.
+        training = not all(branch.bn.use_running_average for branch in self.branches)
+        hs = separable_fanout([branch.conv1 for branch in self.branches], x, prologue, moments=training)
         out, bias = self._shortcut(x)
         offset = 0
         for branch, h in zip(self.branches, hs):
+            h, moments = (h[0], h[1:]) if training else (h, None)
+            if branch.bn.use_running_average:
+                moments = None
             f = h.shape[-1]
-            out = branch.finish_into(h, out, offset, None if bias is None else bias[offset : offset + f])
+            out = branch.finish_into(h, out, offset, None if bias is None else bias[offset : offset + f], moments)
             offset += f
         return out
 

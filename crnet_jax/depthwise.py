@@ -403,6 +403,43 @@ def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
 
 
 @functools.lru_cache(maxsize=None)
+def _ffi_stats_op(d: int, isa: int, threads: int, slope: float | None):
+    """custom_vmap-wrapped separable forward that also returns, per weight group, the sums
+    of its output and of its square over the group's images and pixels (see `_ffi_sep_ops`):
+      sep_fwd_stats(x, a, b, wdw, wpw, bias) -> (out (N,H,W,Co), sum (G,Co), sumsq (G,Co))
+    All float32.
+    """
+    attrs = dict(
+        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
+        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
+    )
+    f32 = jnp.float32
+
+    def raw(x, a, b, wdw, wpw, bias):
+        co = wpw.shape[2]
+        shapes = (jax.ShapeDtypeStruct((*x.shape[:3], co), f32),
+                  jax.ShapeDtypeStruct((wpw.shape[0], co), f32), jax.ShapeDtypeStruct((wpw.shape[0], co), f32))
+        return tuple(jax.ffi.ffi_call("crnet_separable_fwd_stats", shapes)(x, a, b, wdw, wpw, bias, **attrs))
+
+    p_raw = _batch_partitioned(
+        raw, "bwwwww", "brr", "n h w c, g c, g c, g k l c, g c o, g o -> n h w o, g o, g o")
+
+    @jax.custom_batching.custom_vmap
+    def sep_fwd_stats(x, *ws):
+        return tuple(p_raw(x, *ws))
+
+    @sep_fwd_stats.def_vmap
+    def _rule(axis_size, in_batched, x, *ws):
+        xb, *wbs = in_batched
+        # The sums must come out per mapped element: one group per element.
+        ws = _weights_rule(axis_size, wbs, ws, per_element=True)
+        outs = sep_fwd_stats(_fold(axis_size, xb, x), *ws)
+        return tuple(_unfold(axis_size, o) for o in outs), (True,) * 3
+
+    return sep_fwd_stats
+
+
+@functools.lru_cache(maxsize=None)
 def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: int):
     """custom_vmap-wrapped separable FFI calls on a channel slice of a wider tensor, and the
     backward that accumulates its input gradient (see `_ffi_sep_ops` for the weights).
@@ -555,30 +592,47 @@ def _ffi_sep_into_bwd(d, isa, threads, slope, offset, res, g):
 _ffi_sep_into.defvjp(_ffi_sep_into_fwd, _ffi_sep_into_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _ffi_sep_fanout(x, a, b, weights, dilations: tuple[int, ...], isa: int, threads: int, slope: float | None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _ffi_sep_fanout(x, a, b, weights, dilations: tuple[int, ...], isa: int, threads: int, slope: float | None,
+                    moments: bool):
+    """-> per convolution y, or (y, mean (Co,), mean of squares (Co,)) with moments: the
+    output's BatchNorm moments over (B, H, W), summed in the kernel as it writes y."""
     f = jnp.float32
     outs = []
     for (wdw, wpw, bias), d in zip(weights, dilations):
-        sep_fwd = _ffi_sep_ops(d, isa, threads, slope)[0]
-        outs.append(sep_fwd(x.astype(f), *(w.astype(f)[None] for w in (a, b, wdw, wpw, bias))).astype(x.dtype))
+        args = (x.astype(f), *(w.astype(f)[None] for w in (a, b, wdw, wpw, bias)))
+        if moments:
+            y, s1, s2 = _ffi_stats_op(d, isa, threads, slope)(*args)
+            count = np.float32(np.prod(y.shape[:3]))
+            outs.append((y.astype(x.dtype), s1[0] / count, s2[0] / count))
+        else:
+            outs.append(_ffi_sep_ops(d, isa, threads, slope)[0](*args).astype(x.dtype))
     return tuple(outs)
 
 
-def _ffi_sep_fanout_fwd(x, a, b, weights, dilations, isa, threads, slope):
-    return _ffi_sep_fanout(x, a, b, weights, dilations, isa, threads, slope), (x, a, b, weights)
+def _ffi_sep_fanout_fwd(x, a, b, weights, dilations, isa, threads, slope, moments):
+    outs = _ffi_sep_fanout(x, a, b, weights, dilations, isa, threads, slope, moments)
+    ys = tuple(o[0] for o in outs) if moments else None
+    return outs, (x, a, b, weights, ys)
 
 
-def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, res, gs):
+def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, moments, res, gs):
     """One input gradient for all the convolutions: the first backward call writes it, the
-    others add to it in place, instead of XLA summing separate full-size gradients."""
-    x, a, b, weights = res
+    others add to it in place, instead of XLA summing separate full-size gradients. With
+    moments, their cotangents join each output's: d mean / dy = 1 / count and
+    d mean_sq / dy = 2 y / count."""
+    x, a, b, weights, ys = res
     f = jnp.float32
     xf, af, bf = x.astype(f), a.astype(f)[None], b.astype(f)[None]
     dx = None
     da = db = 0.0
     dweights = []
-    for (wdw, wpw, bias), d, g in zip(weights, dilations, gs):
+    for i, ((wdw, wpw, bias), d, g) in enumerate(zip(weights, dilations, gs)):
+        if moments:
+            g, g1, g2 = g
+            y = ys[i].astype(f)
+            count = np.float32(np.prod(y.shape[:3]))
+            g = g.astype(f) + g1.astype(f) / count + y * (2.0 * g2.astype(f) / count)
         ws = (wdw.astype(f)[None], wpw.astype(f)[None])
         if dx is None:
             outs = _ffi_sep_ops(d, isa, threads, slope)[1](xf, af, bf, *ws, g.astype(f))
@@ -793,17 +847,28 @@ def separable_conv2d_fanout(
     impl: str = "auto",
     *,
     prologue: tuple[jax.Array, jax.Array, float] | None = None,
-) -> list[jax.Array]:
+    moments: bool = False,
+) -> list:
     """Several separable convolutions of the same input (and prologue):
     `[separable_conv2d(x, dw, pw, bias, d, impl, prologue=prologue) for dw, pw, bias, d in convs]`.
 
     Same values; with impl "ffi" the backward produces one input gradient, each kernel after
     the first adding its contribution in place, instead of one full-size (B, H, W, Cin)
     gradient per convolution summed by XLA afterwards.
+
+    moments: return (y, mean, mean_sq) per convolution instead of y, the mean over (B, H, W)
+      of y and of y**2 in float32, shape (Cout,) each (the statistics of a BatchNorm that
+      follows; differentiable). With impl "ffi" the kernel sums them as it writes y, so
+      no reduction pass over y is needed.
     """
     impl = default_implementation() if impl == "auto" else impl
     if impl != "ffi":
-        return [separable_conv2d(x, dw, pw, b, d, impl, prologue=prologue) for dw, pw, b, d in convs]
+        ys = [separable_conv2d(x, dw, pw, b, d, impl, prologue=prologue) for dw, pw, b, d in convs]
+        if not moments:
+            return ys
+        axes = tuple(range(x.ndim - 1))
+        return [(y, jnp.mean(y.astype(jnp.float32), axes), jnp.mean(jnp.square(y.astype(jnp.float32)), axes))
+                for y in ys]
     cin = x.shape[-1]
     _check_prologue(prologue, cin)
     weights, dilations = [], []
@@ -817,4 +882,5 @@ def separable_conv2d_fanout(
         a, b_, slope = one, one, None
     else:
         a, b_, slope = prologue[0], prologue[1], float(prologue[2])
-    return list(_ffi_sep_fanout(x, a, b_, tuple(weights), tuple(dilations), _isa_code(None), 0, slope))
+    outs = _ffi_sep_fanout(x, a, b_, tuple(weights), tuple(dilations), _isa_code(None), 0, slope, bool(moments))
+    return list(outs)

@@ -97,13 +97,19 @@ class SeparableAtrousConv(nnx.Module):
 
 
 def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,
-                     prologue: tuple[jax.Array, jax.Array, float] | None = None) -> list[jax.Array]:
-    """[conv(x, prologue) for conv in convs] for convolutions of one implementation; their
-    backward produces one input gradient (see `separable_conv2d_fanout`)."""
-    if len({(conv.impl, conv.dtype) for conv in convs}) != 1:
-        return [conv(x, prologue) for conv in convs]
-    weights = [conv._weights() for conv in convs]
-    return separable_conv2d_fanout(x.astype(convs[0].dtype), weights, convs[0].impl, prologue=prologue)
+                     prologue: tuple[jax.Array, jax.Array, float] | None = None, moments: bool = False) -> list:
+    """[conv(x, prologue) for conv in convs]; their backward produces one input gradient
+    (see `separable_conv2d_fanout`). moments: (y, mean, mean_sq) per convolution, the
+    float32 moments of y over (B, H, W) for the BatchNorm that follows."""
+    if len({(conv.impl, conv.dtype) for conv in convs}) == 1:
+        weights = [conv._weights() for conv in convs]
+        return separable_conv2d_fanout(x.astype(convs[0].dtype), weights, convs[0].impl, prologue=prologue,
+                                       moments=moments)
+    ys = [conv(x, prologue) for conv in convs]
+    if not moments:
+        return ys
+    axes = tuple(range(x.ndim - 1))
+    return [(y, jnp.mean(y.astype(jnp.float32), axes), jnp.mean(jnp.square(y.astype(jnp.float32)), axes)) for y in ys]
 
 class PointwiseConv(nnx.Module):
     """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,)."""
@@ -133,7 +139,9 @@ def batch_norm(features: int, *, momentum: float, epsilon: float, dtype, param_d
     )
 
 
-def batch_norm_scale_shift(bn: nnx.BatchNorm, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def batch_norm_scale_shift(
+    bn: nnx.BatchNorm, x: jax.Array, moments: tuple[jax.Array, jax.Array] | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Per-channel (scale, shift), float32 of shape (C,), such that bn(x) = scale * x + shift.
 
     What `bn(x)` would do, with the normalisation left to the caller (so it can be fused
@@ -141,16 +149,19 @@ def batch_norm_scale_shift(bn: nnx.BatchNorm, x: jax.Array) -> tuple[jax.Array, 
     statistics are those of the batch, over all axes but the last (E[x^2] - E[x]^2,
     clipped at 0, in float32, like flax), and the running statistics are updated with
     the layer's momentum; in inference mode the running statistics are used. Gradients
-    flow through the batch statistics as in BatchNorm.
+    flow through the batch statistics as in BatchNorm. moments: (E[x], E[x^2]) over all axes
+    but the last, float32 (C,), when the caller has them already (training mode only).
     """
     if bn.use_running_average:
         mean = bn.mean[...].astype(jnp.float32)
         var = bn.var[...].astype(jnp.float32)
     else:
-        xf = x.astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
-        mean = jnp.mean(xf, axes)
-        var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axes) - jnp.square(mean))
+        if moments is None:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            moments = (jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes))
+        mean, mean_sq = moments
+        var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
         m = bn.momentum
         bn.mean[...] = jax.lax.stop_gradient(m * bn.mean[...] + (1 - m) * mean).astype(bn.mean.dtype)
         bn.var[...] = jax.lax.stop_gradient(m * bn.var[...] + (1 - m) * var).astype(bn.var.dtype)

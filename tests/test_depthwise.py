@@ -390,6 +390,41 @@ def test_separable_fanout_and_into_match_composition(impl, case):
         np.testing.assert_array_equal(np.asarray(got[2]), 0.0)
 
 
+@pytest.mark.parametrize("impl", [pytest.param("ffi", marks=needs_ffi), "shift"])
+@pytest.mark.parametrize("case", [SLICE_CASES[0], SLICE_CASES[2]], ids=["block", "stem-like"])
+def test_separable_fanout_moments(impl, case):
+    """moments=True: each output with its mean and mean of squares over (B, H, W), which the
+    kernels sum as they write; values, and gradients of a loss that uses the moments (as a
+    BatchNorm does), against the XLA composition. Also compared with NumPy directly."""
+    b, h, w_, cin, cout, kds, _, _, pre, _ = case
+    keys = np.random.default_rng(7 + cin)
+    x = _rand(keys, (b, h, w_, cin))
+    a, sh = 1.0 + 0.5 * _rand(keys, (cin,)), 0.3 * _rand(keys, (cin,))
+    convs = [(_rand(keys, (k, k, cin)), _rand(keys, (cin, cout)) / np.sqrt(cin), _rand(keys, (cout,))) for k, _ in kds]
+    ct, u, v = _rand(keys, (b, h, w_, cout)), _rand(keys, (cout,)), _rand(keys, (cout,))
+
+    def f(impl, x, a, sh, convs):
+        outs = dw.separable_conv2d_fanout(x, [(*c, d) for c, (_, d) in zip(convs, kds)], impl,
+                                          prologue=(a, sh, 0.1) if pre else None, moments=True)
+        # the moments' cotangents (u, v) reach y as u / count + 2 y v / count
+        loss = sum(jnp.sum(y * ct) + 50.0 * (jnp.dot(m, u) + jnp.dot(q, v)) for y, m, q in outs)
+        return loss, outs
+
+    got_loss, got_outs = jax.jit(lambda *a: f(impl, *a))(x, a, sh, convs)
+    want_loss, want_outs = f("xla", x, a, sh, convs)
+    _close(got_loss, want_loss, 2e-5, "loss")
+    for (y, m, q), (wy, wm, wq) in zip(got_outs, want_outs):
+        _close(y, wy, 2e-5, "y")
+        assert m.shape == q.shape == (cout,) and m.dtype == q.dtype == jnp.float32
+        y64 = np.asarray(wy, np.float64)
+        _close(m, y64.mean(axis=(0, 1, 2)), 2e-5, "mean")
+        _close(q, (y64 ** 2).mean(axis=(0, 1, 2)), 2e-5, "mean_sq")
+    got = jax.jit(jax.grad(lambda *a: f(impl, *a)[0], argnums=(0, 1, 2, 3)))(x, a, sh, convs)
+    want = jax.jit(jax.grad(lambda *a: f("xla", *a)[0], argnums=(0, 1, 2, 3)))(x, a, sh, convs)
+    for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _close(gl, wl, 2e-5, "grad")
+
+
 @needs_ffi
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_separable_fanout_and_into_other_instruction_sets(isa, monkeypatch):

@@ -293,13 +293,15 @@ ffi::Error check_slice(ffi::Span<const int64_t> od, const SepShape& sh, int64_t 
 }
 
 // Forward into channels [offset, offset + Co) of out (N, H, W, ld); accumulate: out holds
-// the values to add to (the caller aliased it to an input).
+// the values to add to (the caller aliased it to an input). With sum and sumsq (G, Co)
+// given, they receive per group the sums over its images and pixels of the convolution's
+// output and of its square.
 ffi::Error SepFwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& a,
                         ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& wdw,
                         ffi::Buffer<ffi::F32>& wpw, ffi::Buffer<ffi::F32>& bias,
                         ffi::ResultBuffer<ffi::F32>& out, int64_t offset, bool accumulate,
                         int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
-                        float slope) {
+                        float slope, float* sum = nullptr, float* sumsq = nullptr) {
   SepShape sh;
   if (auto e = check_separable(x.dimensions(), wdw.dimensions(), wpw.dimensions(),
                                a.dimensions(), b.dimensions(), dilation, sh);
@@ -322,15 +324,45 @@ ffi::Error SepFwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Bu
   float* op = out->typed_data();
   const bool nt = !accumulate && ldo == Co && use_streaming(op, N * H * W * Co, Co);
   const int64_t per_group = N / G;
-  parallel_for(pool, pl.threads, N * pl.bands, [=](int64_t unit) {
+  const int64_t units = N * pl.bands;
+  std::vector<float> part_s(sum ? static_cast<size_t>(2 * units * Co) : 0, 0.f);
+  float* ps = part_s.data();
+  parallel_for(pool, pl.threads, units, [=](int64_t unit) {
     const int64_t n = unit / pl.bands, bnd = unit % pl.bands, g = n / per_group;
     const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    crnet_dw::sep_fwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C), io,
-                           wdp + g * k * k * C, wpp + g * C * Co, bp + g * Co,
+    crnet_dw::SepIO unit_io = io;
+    if (sum) {
+      unit_io.out_sum = ps + unit * Co;
+      unit_io.out_sumsq = ps + (units + unit) * Co;
+    }
+    crnet_dw::sep_fwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C),
+                           unit_io, wdp + g * k * k * C, wpp + g * C * Co, bp + g * Co,
                            op + n * H * W * ldo + offset, H, W, C, Co, k, dilation, i0, i1, nt);
     if (nt) crnet_dw::sfence();
   });
+  if (sum) {
+    reduce_partials(ps, units, Co, G, sum);
+    reduce_partials(ps + units * Co, units, Co, G, sumsq);
+  }
   return ffi::Error::Success();
+}
+
+// The forward and, per group, the sums of its output and of its square (G, Co) each.
+ffi::Error SepFwdStatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                           ffi::Buffer<ffi::F32> wdw, ffi::Buffer<ffi::F32> wpw,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sumsq,
+                           int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
+                           float slope) {
+  const auto pd = wpw.dimensions();
+  for (auto* r : {&sum, &sumsq}) {
+    const auto rd = (*r)->dimensions();
+    if (pd.size() != 3 || rd.size() != 2 || rd[0] != pd[0] || rd[1] != pd[2])
+      return ffi::Error::InvalidArgument("sum and sumsq must have shape (G, Co)");
+  }
+  return SepFwdCommon(pool, x, a, b, wdw, wpw, bias, out, 0, false, dilation, isa, threads,
+                      preact, slope, sum->typed_data(), sumsq->typed_data());
 }
 
 ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
@@ -495,6 +527,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwd, SepFwdImpl,
                                   .Ret<F32Buf>()  // out
                                   CRNET_SEP_ATTRS);
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwdStats, SepFwdStatsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // a (prologue scale)
+                                  .Arg<F32Buf>()  // b (prologue shift)
+                                  .Arg<F32Buf>()  // wdw
+                                  .Arg<F32Buf>()  // wpw
+                                  .Arg<F32Buf>()  // bias
+                                  .Ret<F32Buf>()  // out
+                                  .Ret<F32Buf>()  // sum (G, Co)
+                                  .Ret<F32Buf>()  // sumsq (G, Co)
+                                  CRNET_SEP_ATTRS);
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwdInto, SepFwdIntoImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -561,6 +607,7 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
       !add("crnet_separable_fwd", reinterpret_cast<void*>(CrnetSeparableFwd)) ||
       !add("crnet_separable_bwd", reinterpret_cast<void*>(CrnetSeparableBwd)) ||
       !add("crnet_separable_fwd_into", reinterpret_cast<void*>(CrnetSeparableFwdInto)) ||
+      !add("crnet_separable_fwd_stats", reinterpret_cast<void*>(CrnetSeparableFwdStats)) ||
       !add("crnet_separable_bwd_acc", reinterpret_cast<void*>(CrnetSeparableBwdAcc))) {
     Py_DECREF(d);
     return nullptr;

@@ -44,9 +44,14 @@ struct Prologue {
 // so a kernel can write or read a channel slice [o, o + Co) of a wider tensor (the caller
 // offsets the pointer by o); `accumulate` adds the forward result to out, and the backward
 // input gradient to dx, instead of overwriting them (no non-temporal stores then).
+// Forward only: with out_sum / out_sumsq set, (Co) += the sums over the band of the
+// convolution's output and of its square, per output channel (BatchNorm moments of the
+// output without another pass over it).
 struct SepIO {
   int64_t ldo = 0;
   bool accumulate = false;
+  float* out_sum = nullptr;
+  float* out_sumsq = nullptr;
 };
 
 // Fused separable convolution: out (H, W, Co) = depthwise(x0, wdw) @ wpw (C, Co) + bias
