@@ -13,6 +13,17 @@ import jax
 ISA_NAMES = {0: "auto", 1: "baseline", 2: "avx2", 3: "avx512"}
 ISA_CODES = {"auto": 0, "best": 0, "baseline": 1, "base": 1, "sse2": 1, "avx2": 2, "avx512": 3}
 
+# The calling convention this Python code expects of the extension (kAbiVersion in
+# csrc/depthwise_ffi.cc) and the targets it calls: an extension built from older sources
+# (an in-place build left behind by a checkout of newer code) is refused, with the
+# command that rebuilds it, rather than called with operands it does not expect.
+ABI_VERSION = 2
+REQUIRED_TARGETS = frozenset({
+    "crnet_depthwise_fwd", "crnet_depthwise_bwd", "crnet_separable_fwd", "crnet_separable_bwd",
+    "crnet_separable_fwd_into", "crnet_separable_fwd_stats", "crnet_separable_bwd_acc",
+})
+_REBUILD = "rebuild it: pip install -e . (or python setup.py build_ext --inplace --force)"
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -25,6 +36,10 @@ def _load() -> dict:
             from crnet_jax import _depthwise_ffi as mod  # compiled extension
         except ImportError as e:  # not built (no compiler at install time) or broken
             _state.update(ok=False, reason=f"crnet_jax._depthwise_ffi could not be imported ({e})")
+            return _state
+        reason = stale_reason(mod)
+        if reason:
+            _state.update(ok=False, reason=reason)
             return _state
         try:
             for name, capsule in mod.registrations().items():
@@ -39,6 +54,19 @@ def _load() -> dict:
             return _state
         _state.update(ok=True, reason="", module=mod, best_isa=int(mod.best_isa()))
         return _state
+
+
+def stale_reason(mod) -> str:
+    """Why the compiled module `mod` does not match this Python code ('' when it does)."""
+    version = getattr(mod, "abi_version", lambda: 1)()
+    if version != ABI_VERSION:
+        return (f"crnet_jax._depthwise_ffi ({getattr(mod, '__file__', '?')}) was built for "
+                f"calling convention {version}, this code needs {ABI_VERSION}: {_REBUILD}")
+    missing = sorted(REQUIRED_TARGETS - set(mod.registrations()))
+    if missing:
+        return (f"crnet_jax._depthwise_ffi ({getattr(mod, '__file__', '?')}) lacks the "
+                f"targets {', '.join(missing)}: {_REBUILD}")
+    return ""
 
 
 def _self_test() -> None:

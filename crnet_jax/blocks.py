@@ -117,7 +117,7 @@ class ResidualBlock(nnx.Module):
         if not self.shortcut_bn.use_running_average:
             return self.shortcut_bn(self.shortcut_conv(x)), None
         conv = self.shortcut_conv
-        scale, shift = batch_norm_scale_shift(self.shortcut_bn, x)
+        scale, shift = batch_norm_scale_shift(self.shortcut_bn, None)  # running statistics
         kernel = conv.kernel[...].astype(jnp.float32) * scale
         bias = conv.bias[...].astype(jnp.float32) * scale + shift
         y = jnp.einsum("bhwc,cd->bhwd", x.astype(conv.dtype), kernel.astype(conv.dtype))

@@ -858,7 +858,8 @@ def separable_conv2d_fanout(
 
     moments: return (y, mean, mean_sq) per convolution instead of y, the mean over (B, H, W)
       of y and of y**2 in float32, shape (Cout,) each (the statistics of a BatchNorm that
-      follows; differentiable). With impl "ffi" the kernel sums them as it writes y, so
+      follows; differentiable). For a bfloat16 x they are of the float32 result before it
+      is rounded to bfloat16, so they differ slightly from moments of the returned y. With impl "ffi" the kernel sums them as it writes y, so
       no reduction pass over y is needed.
     """
     impl = default_implementation() if impl == "auto" else impl

@@ -140,7 +140,7 @@ def batch_norm(features: int, *, momentum: float, epsilon: float, dtype, param_d
 
 
 def batch_norm_scale_shift(
-    bn: nnx.BatchNorm, x: jax.Array, moments: tuple[jax.Array, jax.Array] | None = None
+    bn: nnx.BatchNorm, x: jax.Array | None, moments: tuple[jax.Array, jax.Array] | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Per-channel (scale, shift), float32 of shape (C,), such that bn(x) = scale * x + shift.
 
@@ -151,12 +151,15 @@ def batch_norm_scale_shift(
     the layer's momentum; in inference mode the running statistics are used. Gradients
     flow through the batch statistics as in BatchNorm. moments: (E[x], E[x^2]) over all axes
     but the last, float32 (C,), when the caller has them already (training mode only).
+    x may be None in inference mode, or when moments are given.
     """
     if bn.use_running_average:
         mean = bn.mean[...].astype(jnp.float32)
         var = bn.var[...].astype(jnp.float32)
     else:
         if moments is None:
+            if x is None:
+                raise ValueError("batch_norm_scale_shift in training mode needs x or its moments")
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
             moments = (jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes))

@@ -9,9 +9,19 @@
 //   crnet_depthwise_bwd  (x, w, dy (N,H,W,C))                   -> dx (N,H,W,C), dw (G,k,k,C)
 //   crnet_separable_fwd  (x, a (G,C), b (G,C), wdw (G,k,k,C), wpw (G,C,Co), bias (G,Co))
 //                          -> out (N,H,W,Co)
-//   crnet_separable_bwd  (x, a, b, wdw, wpw, dout (N,H,W,Co))
+//   crnet_separable_fwd_stats (x, a, b, wdw, wpw, bias)
+//                          -> out (N,H,W,Co), sum (G,Co), sumsq (G,Co): per group, the sums
+//                             over its images and pixels of out and of out^2 (BatchNorm moments)
+//   crnet_separable_fwd_into  (x, a, b, wdw, wpw, bias, acc (N,H,W,ld))
+//                          -> out (N,H,W,ld) = acc with channels [offset, offset + Co)
+//                             increased by the convolution (out aliases acc)
+//   crnet_separable_bwd  (x, a, b, wdw, wpw, dout (N,H,W,ld))
 //                          -> dx (N,H,W,C), da (G,C), db (G,C), dwdw (G,k,k,C),
-//                             dwpw (G,C,Co), dbias (G,Co)
+//                             dwpw (G,C,Co), dbias (G,Co); the output gradient is read from
+//                             channels [offset, offset + Co) of dout
+//   crnet_separable_bwd_acc   (x, a, b, wdw, wpw, dout (N,H,W,ld), dx_in (N,H,W,C))
+//                          -> as crnet_separable_bwd with dx = dx_in + the input gradient
+//                             (dx aliases dx_in), so branches sharing an input sum in place
 // The separable targets fuse depthwise + pointwise + bias and, with preact = 1, a
 // prologue x0 = LeakyReLU(a x + b, slope) on their input (a BatchNorm + LeakyReLU); the
 // backward recomputes x0, the depthwise output and dout @ wpw^T on the fly instead of
@@ -19,7 +29,9 @@
 // a and b are ignored and da, db are zero.
 // Attributes: dilation (i64), isa (i64: 0 best, 1 baseline, 2 AVX2, 3 AVX-512),
 //             threads (i64: 0 = all of XLA's intra-op pool); separable targets also
-//             preact (i64: 0 or 1) and slope (f32).
+//             preact (i64: 0 or 1) and slope (f32); the _into, _bwd and _bwd_acc
+//             targets also offset (i64: first channel of the Co-channel slice).
+// The Python side (crnet_jax/_ffi.py) refuses a build that lacks any of these targets.
 //
 // Threading: work is cut into (image, band of rows) units. The calling thread and up
 // to (pool size - 1) tasks scheduled on XLA's intra-op thread pool (ffi::ThreadPool)
@@ -590,7 +602,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwdAcc, SepBwdAccImpl,
                                   CRNET_SLICE_ATTRS);
 
 // ------------------------------------------------------------------------------------
-// Python module: registrations() -> {target name: PyCapsule}, best_isa() -> int.
+// Python module: registrations() -> {target name: PyCapsule}, abi_version() -> int,
+// best_isa() -> int.
 // ------------------------------------------------------------------------------------
 static PyObject* py_registrations(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
@@ -615,6 +628,13 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
   return d;
 }
 
+// Version of the targets' calling convention (operands, results, attributes). Raise it
+// with every change to them, together with ABI_VERSION in crnet_jax/_ffi.py, so that an
+// extension left over from an older build is refused instead of called wrongly.
+static constexpr long kAbiVersion = 2;
+
+static PyObject* py_abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
+
 static PyObject* py_best_isa(PyObject*, PyObject*) {
   return PyLong_FromLong(crnet_dw::best_isa());
 }
@@ -622,6 +642,8 @@ static PyObject* py_best_isa(PyObject*, PyObject*) {
 static PyMethodDef kMethods[] = {
     {"registrations", py_registrations, METH_NOARGS,
      "Dict of XLA FFI target name -> handler PyCapsule."},
+    {"abi_version", py_abi_version, METH_NOARGS,
+     "Version of the targets' calling convention (see crnet_jax/_ffi.py ABI_VERSION)."},
     {"best_isa", py_best_isa, METH_NOARGS,
      "Best instruction set compiled in and supported: 1 baseline, 2 AVX2, 3 AVX-512."},
     {nullptr, nullptr, 0, nullptr}};
