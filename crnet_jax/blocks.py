@@ -81,6 +81,7 @@ class ResidualBlock(nnx.Module):
         self.branches = nnx.List(
             [Branch(in_features, k, d, cfg, rngs=rngs) for k, d in zip(cfg.kernel_sizes, cfg.dilations)]
         )
+        self.impl = cfg.depthwise_impl
         self.shortcut_conv = PointwiseConv(in_features, out, rngs=rngs, **_dtypes(cfg))
         self.shortcut_bn = _bn(out, cfg, rngs)
 
@@ -113,9 +114,13 @@ class ResidualBlock(nnx.Module):
         BatchNorm is a fixed affine map, as (x @ folded kernel, folded bias): its scale is
         folded into the 1x1 kernel and the bias is left for the caller to add (the branches'
         kernels add it with their own), so the shortcut is one matrix product and no
-        elementwise pass over the (B, H, W, 3 * filters) tensor."""
+        elementwise pass over the (B, H, W, 3 * filters) tensor. In training the batch
+        moments come with the convolution (`PointwiseConv.with_moments`: summed by the C++
+        kernel as it writes, its backward one pass) and the BatchNorm is one scale-shift."""
         if not self.shortcut_bn.use_running_average:
-            return self.shortcut_bn(self.shortcut_conv(x)), None
+            y, mean, mean_sq = self.shortcut_conv.with_moments(x, self.impl)
+            scale, shift = batch_norm_scale_shift(self.shortcut_bn, None, (mean, mean_sq))
+            return (y * scale.astype(y.dtype) + shift.astype(y.dtype)), None
         conv = self.shortcut_conv
         scale, shift = batch_norm_scale_shift(self.shortcut_bn, None)  # running statistics
         kernel = conv.kernel[...].astype(jnp.float32) * scale

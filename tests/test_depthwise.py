@@ -350,11 +350,13 @@ SLICE_CASES = [
     (2, 12, 11, 48, 16, ((3, 1), (5, 3), (7, 5)), 48, (0, 16, 32), True, True),
     (1, 9, 13, 16, 16, ((7, 5), (3, 1)), 37, (19, 2), True, False),
     (2, 8, 9, 1, 12, ((5, 3), (3, 1)), 30, (0, 13), False, True),
+    # the CONV RES shortcut: a 1 x 1 convolution 48 -> 48 (the kernels' k = 1 specialisation)
+    (2, 10, 12, 48, 48, ((1, 1),), 48, (0,), False, True),
 ]
 
 
 @pytest.mark.parametrize("impl", [pytest.param("ffi", marks=needs_ffi), "shift"])
-@pytest.mark.parametrize("case", SLICE_CASES, ids=["block", "odd-offsets", "stem-like"])
+@pytest.mark.parametrize("case", SLICE_CASES, ids=["block", "odd-offsets", "stem-like", "shortcut"])
 def test_separable_fanout_and_into_match_composition(impl, case):
     """separable_conv2d_fanout (several convolutions of one input) feeding
     separable_conv2d_into (each result added into a channel slice of acc): value and every
@@ -389,7 +391,7 @@ def test_separable_fanout_and_into_match_composition(impl, case):
 
 
 @pytest.mark.parametrize("impl", [pytest.param("ffi", marks=needs_ffi), "shift"])
-@pytest.mark.parametrize("case", [SLICE_CASES[0], SLICE_CASES[2]], ids=["block", "stem-like"])
+@pytest.mark.parametrize("case", [SLICE_CASES[0], SLICE_CASES[2], SLICE_CASES[3]], ids=["block", "stem-like", "shortcut"])
 def test_separable_fanout_moments(impl, case):
     """moments=True: each output with its mean and mean of squares over (B, H, W), which the
     kernels sum as they write; values, and gradients of a loss that uses the moments (as a
@@ -520,6 +522,21 @@ def test_separable_fanout_and_into_gradients_under_vmap():
 # ---------------------------------------------------------------------------------------
 # Threads, determinism, selection, errors
 # ---------------------------------------------------------------------------------------
+@needs_ffi
+def test_streaming_stores_match(tmp_path):
+    """The kernels write outputs far bigger than the caches with non-temporal stores (a
+    separate compiled path); CRNET_DEPTHWISE_STREAM_MB=0 turns them on for every output, so
+    the slice, fan-out, moments and shortcut cases run through that path too."""
+    env = {**os.environ, "CRNET_DEPTHWISE_STREAM_MB": "0"}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_depthwise.py"),
+         "-k", "(fanout_and_into_match or fanout_moments or separable_matches_reference) and ffi"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " skipped" not in r.stdout.split("\n")[-2], r.stdout[-500:]
+
+
 def test_ffi_refuses_a_stale_extension():
     """An extension built from older sources (another calling convention, or lacking a
     target this code calls) is refused with the command that rebuilds it; this build passes."""
