@@ -17,6 +17,12 @@ The concatenation is never formed: each branch's second convolution adds its out
 its channel slice of the shortcut's output (`separable_conv2d_into`), and the three first
 convolutions run as one fan-out from the block input (`separable_conv2d_fanout`), which in
 training also returns their outputs' batch moments for the branches' BatchNorms.
+
+The shortcut: in inference its BatchNorm is folded into the 1x1 kernel (the bias is added by
+the branches' kernels); in training the 1x1 convolution returns its output's batch moments
+with it (`PointwiseConv.with_moments`: with the C++ kernels a separable call with a 1 x 1
+depthwise kernel of ones, one pass forward and one backward) and the BatchNorm is one
+scale-shift.
 """
 from __future__ import annotations
 
@@ -120,7 +126,8 @@ class ResidualBlock(nnx.Module):
         if not self.shortcut_bn.use_running_average:
             y, mean, mean_sq = self.shortcut_conv.with_moments(x, self.impl)
             scale, shift = batch_norm_scale_shift(self.shortcut_bn, None, (mean, mean_sq))
-            return (y * scale.astype(y.dtype) + shift.astype(y.dtype)), None
+            # in float32 like flax's BatchNorm (rounded once, to the compute dtype)
+            return (y.astype(jnp.float32) * scale + shift).astype(y.dtype), None
         conv = self.shortcut_conv
         scale, shift = batch_norm_scale_shift(self.shortcut_bn, None)  # running statistics
         kernel = conv.kernel[...].astype(jnp.float32) * scale

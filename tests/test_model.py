@@ -130,6 +130,33 @@ def test_block_training_mode_equals_unfused(preactivate, impl):
     assert np.abs(np.asarray(stats1["shortcut_bn"]["mean"]) - np.asarray(before["shortcut_bn"]["mean"])).max() > 0
 
 
+@pytest.mark.parametrize("impl", ["ffi", "shift"])
+def test_block_training_mode_bfloat16(impl):
+    """bfloat16 compute in training mode (batch statistics, the shortcut's moments from
+    the convolution): close to the float32 unfused composition with the same parameters,
+    in value and in the updated running statistics."""
+    from crnet_jax import _ffi
+
+    if impl == "ffi" and not _ffi.available():
+        pytest.skip("C++ FFI extension not built")
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(0.3, 1.2, size=(2, 11, 40, 48)).astype(np.float32))
+    blocks = {}
+    for dtype in ("bfloat16", "float32"):
+        block = ResidualBlock(48, lung_config(depthwise_impl=impl, dtype=dtype, bn_momentum=0.9),
+                              preactivate=True, rngs=nnx.Rngs(5))
+        block.train()
+        blocks[dtype] = block
+    y16 = blocks["bfloat16"](x)
+    y32 = _block_unfused(blocks["float32"], x)
+    assert y16.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(y16, np.float32) - np.asarray(y32))
+    assert err.max() < 0.08 and err.mean() < 0.01, (err.max(), err.mean())
+    s16 = nnx.to_pure_dict(nnx.state(blocks["bfloat16"], nnx.BatchStat))
+    s32 = nnx.to_pure_dict(nnx.state(blocks["float32"], nnx.BatchStat))
+    chex.assert_trees_all_close(s16, s32, atol=2e-2, rtol=2e-2)
+
+
 def test_dropout_only_in_training():
     model = ResCRNet(lung_config(num_conv_res=1, dropout_rate=0.5), rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
