@@ -12,6 +12,7 @@ any x86-64 CPU.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -19,6 +20,14 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CSRC = "crnet_jax/csrc"
+
+
+def _source_digest() -> str:
+    """crnet_jax.csrc_digest.source_digest(CSRC), loaded by path (nothing is installed yet)."""
+    spec = importlib.util.spec_from_file_location("csrc_digest", "crnet_jax/csrc_digest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.source_digest(CSRC)
 
 
 class OptionalBuildExt(build_ext):
@@ -70,6 +79,8 @@ ext = Extension(
         f"{CSRC}/isa_common.h",
     ],
     include_dirs=[CSRC],
+    # reported by crnet_jax._ffi when the checkout's sources have changed since this build
+    define_macros=[("CRNET_SOURCE_DIGEST", f'"{_source_digest()}"')],
     language="c++",
     extra_compile_args=[
         "-std=c++17",

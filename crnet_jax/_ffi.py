@@ -6,9 +6,13 @@ then fall back to the pure-JAX implementation (see crnet_jax.depthwise).
 """
 from __future__ import annotations
 
+import pathlib
 import threading
+import warnings
 
 import jax
+
+from crnet_jax.csrc_digest import source_digest
 
 ISA_NAMES = {0: "auto", 1: "baseline", 2: "avx2", 3: "avx512"}
 ISA_CODES = {"auto": 0, "best": 0, "baseline": 1, "base": 1, "sse2": 1, "avx2": 2, "avx512": 3}
@@ -22,7 +26,8 @@ REQUIRED_TARGETS = frozenset({
     "crnet_depthwise_fwd", "crnet_depthwise_bwd", "crnet_separable_fwd", "crnet_separable_bwd",
     "crnet_separable_fwd_into", "crnet_separable_fwd_stats", "crnet_separable_bwd_acc",
 })
-_REBUILD = "rebuild it: pip install -e . (or python setup.py build_ext --inplace --force)"
+_REBUILD = ("rebuild it: pip install -e . (or, with setuptools >= 77 installed, "
+            "python setup.py build_ext --inplace --force)")
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -53,6 +58,9 @@ def _load() -> dict:
             _state.update(ok=False, reason=f"the FFI self-test failed ({type(e).__name__}: {e})")
             return _state
         _state.update(ok=True, reason="", module=mod, best_isa=int(mod.best_isa()))
+        outdated = outdated_reason(mod, pathlib.Path(__file__).parent / "csrc")
+        if outdated:  # still correct for this calling convention: warn, do not refuse
+            warnings.warn(outdated, RuntimeWarning, stacklevel=2)
         return _state
 
 
@@ -67,6 +75,18 @@ def stale_reason(mod) -> str:
         return (f"crnet_jax._depthwise_ffi ({getattr(mod, '__file__', '?')}) lacks the "
                 f"targets {', '.join(missing)}: {_REBUILD}")
     return ""
+
+
+def outdated_reason(mod, csrc: pathlib.Path) -> str:
+    """Why the compiled module `mod` is older than the C++ sources in `csrc` ('' when it
+    was built from them, or when either digest is unknown: an install without sources)."""
+    built = getattr(mod, "source_digest", lambda: "")()
+    here = source_digest(csrc)
+    if not built or not here or built == here:
+        return ""
+    return (f"crnet_jax._depthwise_ffi ({getattr(mod, '__file__', '?')}) was built from other "
+            f"sources than {csrc} (digest {built}, the sources now {here}): it runs, but without "
+            f"their changes; {_REBUILD}")
 
 
 def _self_test() -> None:

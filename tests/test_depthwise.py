@@ -562,6 +562,34 @@ def test_ffi_refuses_a_stale_extension():
         assert _ffi.stale_reason(_depthwise_ffi) == ""
 
 
+def test_ffi_reports_an_extension_older_than_its_sources(tmp_path):
+    """The extension records a digest of crnet_jax/csrc when it is built; a checkout whose
+    sources changed since is reported (with the rebuild command), an install without the
+    sources or an extension without the digest is not, and this build matches its sources."""
+    from crnet_jax.csrc_digest import source_digest
+
+    (tmp_path / "k.cc").write_text("int f() { return 1; }\n")
+    digest = source_digest(tmp_path)
+    assert len(digest) == 16 and source_digest(tmp_path / "missing") == ""
+
+    class Built:
+        __file__ = "/somewhere/_depthwise_ffi.so"
+        source_digest = staticmethod(lambda: digest)
+
+    assert _ffi.outdated_reason(Built, tmp_path) == ""
+    (tmp_path / "k.inc").write_text("// a new kernel\n")
+    reason = _ffi.outdated_reason(Built, tmp_path)
+    assert "built from other sources" in reason and digest in reason and "build_ext" in reason
+    assert _ffi.outdated_reason(Built, tmp_path / "missing") == ""  # installed without sources
+    Built.source_digest = staticmethod(lambda: "")  # built without the digest
+    assert _ffi.outdated_reason(Built, tmp_path) == ""
+    if _ffi.available():
+        from crnet_jax import _depthwise_ffi
+
+        csrc = REPO / "crnet_jax" / "csrc"
+        assert _ffi.outdated_reason(_depthwise_ffi, csrc) == "", "rebuild the extension before testing"
+
+
 @needs_ffi
 def test_ffi_threads_deterministic():
     """Weight gradients are bitwise identical whatever the thread count (big enough to thread)."""

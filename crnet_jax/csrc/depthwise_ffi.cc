@@ -603,7 +603,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwdAcc, SepBwdAccImpl,
 
 // ------------------------------------------------------------------------------------
 // Python module: registrations() -> {target name: PyCapsule}, abi_version() -> int,
-// best_isa() -> int.
+// source_digest() -> str, best_isa() -> int.
 // ------------------------------------------------------------------------------------
 static PyObject* py_registrations(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
@@ -635,6 +635,14 @@ static constexpr long kAbiVersion = 2;
 
 static PyObject* py_abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
 
+// Digest of crnet_jax/csrc at build time (setup.py, crnet_jax/csrc_digest.py); "" if unknown.
+#ifndef CRNET_SOURCE_DIGEST
+#define CRNET_SOURCE_DIGEST ""
+#endif
+static PyObject* py_source_digest(PyObject*, PyObject*) {
+  return PyUnicode_FromString(CRNET_SOURCE_DIGEST);
+}
+
 static PyObject* py_best_isa(PyObject*, PyObject*) {
   return PyLong_FromLong(crnet_dw::best_isa());
 }
@@ -644,6 +652,8 @@ static PyMethodDef kMethods[] = {
      "Dict of XLA FFI target name -> handler PyCapsule."},
     {"abi_version", py_abi_version, METH_NOARGS,
      "Version of the targets' calling convention (see crnet_jax/_ffi.py ABI_VERSION)."},
+    {"source_digest", py_source_digest, METH_NOARGS,
+     "Digest of the sources this extension was built from (crnet_jax/csrc_digest.py)."},
     {"best_isa", py_best_isa, METH_NOARGS,
      "Best instruction set compiled in and supported: 1 baseline, 2 AVX2, 3 AVX-512."},
     {nullptr, nullptr, 0, nullptr}};
