@@ -841,6 +841,13 @@ def separable_conv2d_into(
     return acc.at[..., offset : offset + cout].add(y.astype(acc.dtype))
 
 
+def batch_moments(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(E[y], E[y**2]) over every axis but the last, in float32, shape (C,) each: the batch
+    statistics of a BatchNorm over channels."""
+    yf, axes = y.astype(jnp.float32), tuple(range(y.ndim - 1))
+    return jnp.mean(yf, axes), jnp.mean(jnp.square(yf), axes)
+
+
 def separable_conv2d_fanout(
     x: jax.Array,
     convs: list[tuple[jax.Array, jax.Array, jax.Array | None, int]],
@@ -859,17 +866,15 @@ def separable_conv2d_fanout(
     moments: return (y, mean, mean_sq) per convolution instead of y, the mean over (B, H, W)
       of y and of y**2 in float32, shape (Cout,) each (the statistics of a BatchNorm that
       follows; differentiable). For a bfloat16 x they are of the float32 result before it
-      is rounded to bfloat16, so they differ slightly from moments of the returned y. With impl "ffi" the kernel sums them as it writes y, so
-      no reduction pass over y is needed.
+      is rounded to bfloat16, so they differ slightly from moments of the returned y. With
+      impl "ffi" the kernel sums them as it writes y, so no reduction pass over y is needed.
     """
     impl = default_implementation() if impl == "auto" else impl
     if impl != "ffi":
         ys = [separable_conv2d(x, dw, pw, b, d, impl, prologue=prologue) for dw, pw, b, d in convs]
         if not moments:
             return ys
-        axes = tuple(range(x.ndim - 1))
-        return [(y, jnp.mean(y.astype(jnp.float32), axes), jnp.mean(jnp.square(y.astype(jnp.float32)), axes))
-                for y in ys]
+        return [(y, *batch_moments(y)) for y in ys]
     cin = x.shape[-1]
     _check_prologue(prologue, cin)
     weights, dilations = [], []

@@ -6,7 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from crnet_jax.depthwise import default_implementation, separable_conv2d, separable_conv2d_fanout, separable_conv2d_into
+from crnet_jax.depthwise import (
+    batch_moments,
+    default_implementation,
+    separable_conv2d,
+    separable_conv2d_fanout,
+    separable_conv2d_into,
+)
 
 
 def he_truncated_normal(fan_in: int) -> nnx.Initializer:
@@ -108,8 +114,7 @@ def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,
     ys = [conv(x, prologue) for conv in convs]
     if not moments:
         return ys
-    axes = tuple(range(x.ndim - 1))
-    return [(y, jnp.mean(y.astype(jnp.float32), axes), jnp.mean(jnp.square(y.astype(jnp.float32)), axes)) for y in ys]
+    return [(y, *batch_moments(y)) for y in ys]
 
 class PointwiseConv(nnx.Module):
     """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,)."""
@@ -148,8 +153,7 @@ class PointwiseConv(nnx.Module):
             ((y, mean, mean_sq),) = separable_conv2d_fanout(x, [(ones, kernel, bias, 1)], "ffi", moments=True)
             return y, mean, mean_sq
         y = self(x)
-        yf, axes = y.astype(jnp.float32), tuple(range(x.ndim - 1))
-        return y, jnp.mean(yf, axes), jnp.mean(jnp.square(yf), axes)
+        return (y, *batch_moments(y))
 
 
 def batch_norm(features: int, *, momentum: float, epsilon: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -180,9 +184,7 @@ def batch_norm_scale_shift(
         if moments is None:
             if x is None:
                 raise ValueError("batch_norm_scale_shift in training mode needs x or its moments")
-            xf = x.astype(jnp.float32)
-            axes = tuple(range(x.ndim - 1))
-            moments = (jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes))
+            moments = batch_moments(x)
         mean, mean_sq = moments
         var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
         m = bn.momentum
