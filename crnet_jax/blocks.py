@@ -23,6 +23,10 @@ the branches' kernels); in training the 1x1 convolution returns its output's bat
 with it (`PointwiseConv.with_moments`: with the C++ kernels a separable call with a 1 x 1
 depthwise kernel of ones, one pass forward and one backward) and the BatchNorm is one
 scale-shift.
+
+In inference mode (every BatchNorm at its running statistics) the whole block is one C++
+kernel call where it can be (`crnet_jax.fused_block`, `ModelConfig.fused_inference`): the
+branches' middles never leave the cache.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crnet_jax.config import ModelConfig
+from crnet_jax.depthwise import default_implementation
+from crnet_jax.fused_block import BranchWeights, fused_block_supported, residual_block_inference_fused
 from crnet_jax.layers import (
     PointwiseConv,
     SeparableAtrousConv,
@@ -88,6 +94,7 @@ class ResidualBlock(nnx.Module):
             [Branch(in_features, k, d, cfg, rngs=rngs) for k, d in zip(cfg.kernel_sizes, cfg.dilations)]
         )
         self.impl = cfg.depthwise_impl
+        self.fused_inference = cfg.fused_inference
         self.shortcut_conv = PointwiseConv(in_features, out, rngs=rngs, **_dtypes(cfg))
         self.shortcut_bn = _bn(out, cfg, rngs)
 
@@ -96,6 +103,8 @@ class ResidualBlock(nnx.Module):
         the branches' first convolutions run as one fan-out from x (one input gradient in
         the backward) and each second convolution adds into its channel slice of the
         shortcut's output (reading its slice of the output gradient in the backward)."""
+        if self._fusable(x):
+            return self._fused(x)
         prologue = None
         if self.pre_bn is not None:  # x0 = LeakyReLU(pre_bn(x)), folded into each branch's conv1
             scale, shift = batch_norm_scale_shift(self.pre_bn, x)
@@ -115,6 +124,47 @@ class ResidualBlock(nnx.Module):
             offset += f
         return out
 
+    def _fusable(self, x: jax.Array) -> bool:
+        """Inference mode, fused_inference on, the C++ kernels chosen and float32 throughout."""
+        bns = [self.shortcut_bn, *(branch.bn for branch in self.branches)]
+        if self.pre_bn is not None:
+            bns.append(self.pre_bn)
+        if not self.fused_inference or not all(bn.use_running_average for bn in bns):
+            return False
+        impl = default_implementation() if self.impl == "auto" else self.impl
+        convs = [self.shortcut_conv, *(c for branch in self.branches for c in (branch.conv1, branch.conv2))]
+        if impl != "ffi" or any(jnp.dtype(conv.dtype) != jnp.float32 for conv in convs):
+            return False
+        return fused_block_supported(x, [b.conv1.kernel_size for b in self.branches],
+                                     [b.conv2.pointwise_kernel.shape[1] for b in self.branches],
+                                     [b.conv1.dilation for b in self.branches])
+
+    @staticmethod
+    def _branch_weights(branch: Branch) -> BranchWeights:
+        scale, shift = batch_norm_scale_shift(branch.bn, None)  # running statistics
+        c1, c2 = branch.conv1, branch.conv2
+        return BranchWeights(c1.depthwise_kernel[...], c1.pointwise_kernel[...], c1.bias[...], scale, shift,
+                             c2.depthwise_kernel[...], c2.pointwise_kernel[...], c2.bias[...])
+
+    def _fused(self, x: jax.Array) -> jax.Array:
+        """The block in inference mode as one kernel call (`residual_block_inference_fused`)."""
+        prologue = None
+        if self.pre_bn is not None:
+            scale, shift = batch_norm_scale_shift(self.pre_bn, None)
+            prologue = (scale, shift, self.slope)
+        kernel, bias = self._folded_shortcut()
+        return residual_block_inference_fused(
+            x, [self._branch_weights(b) for b in self.branches], [b.conv1.dilation for b in self.branches],
+            kernel, bias, prologue, self.slope)
+
+    def _folded_shortcut(self) -> tuple[jax.Array, jax.Array]:
+        """The shortcut's 1 x 1 kernel (Cin, L) and bias (L,) with its BatchNorm (running
+        statistics) folded in, float32."""
+        conv = self.shortcut_conv
+        scale, shift = batch_norm_scale_shift(self.shortcut_bn, None)  # running statistics
+        kernel = conv.kernel[...].astype(jnp.float32) * scale
+        return kernel, conv.bias[...].astype(jnp.float32) * scale + shift
+
     def _shortcut(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """shortcut_bn(shortcut_conv(x)) as (values, None); in inference mode, where the
         BatchNorm is a fixed affine map, as (x @ folded kernel, folded bias): its scale is
@@ -129,9 +179,7 @@ class ResidualBlock(nnx.Module):
             # in float32 like flax's BatchNorm (rounded once, to the compute dtype)
             return (y.astype(jnp.float32) * scale + shift).astype(y.dtype), None
         conv = self.shortcut_conv
-        scale, shift = batch_norm_scale_shift(self.shortcut_bn, None)  # running statistics
-        kernel = conv.kernel[...].astype(jnp.float32) * scale
-        bias = conv.bias[...].astype(jnp.float32) * scale + shift
+        kernel, bias = self._folded_shortcut()
         y = jnp.einsum("bhwc,cd->bhwd", x.astype(conv.dtype), kernel.astype(conv.dtype))
         return y, bias
 

@@ -29,6 +29,10 @@ class ModelConfig:
         300 x 340 x 8 on the 2-core CPU it cuts the training step's compiled memory from 5.1 to
         1.6 GiB (peak RSS 5.8 to 2.3 GiB) for 6-9% more time per step (5.80 against 5.44 s
         in one invocation; benchmarks/RESULTS.md, "third pass").
+      fused_inference: in inference mode, run each residual block (STEM, CONV RES) as one
+        C++ kernel
+        (`crnet_jax.fused_block`) when depthwise_impl resolves to "ffi" and dtype is
+        float32; the same values as the layer-by-layer kernels up to rounding order.
     """
 
     in_channels: int = 1
@@ -46,6 +50,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     depthwise_impl: str = "auto"
     remat: bool = True
+    fused_inference: bool = True
 
     def __post_init__(self) -> None:
         if len(self.kernel_sizes) != len(self.dilations):

@@ -243,7 +243,7 @@ def _unfold(axis_size, a):
     return a.reshape(axis_size, a.shape[0] // axis_size, *a.shape[1:])
 
 
-def _batch_partitioned(raw, arg_kinds: str, out_kinds: str, rule: str):
+def _batch_partitioned(raw, arg_kinds: str, out_kinds: str, rule: str, weight_groups: bool = True):
     """Wrap an FFI call so XLA's SPMD partitioner runs it per device on the local batch.
 
     arg_kinds: per argument, "b" (batch-leading, like x) or "w" (weights, replicated).
@@ -251,7 +251,8 @@ def _batch_partitioned(raw, arg_kinds: str, out_kinds: str, rule: str):
     over the mesh axes of the batch). Without this, a custom call on a batch-sharded
     array (data parallelism over several devices or processes) would be all-gathered
     and computed in full on every device. Weights with several groups (vmap over the
-    weights) keep the replicated fallback: correct, just not parallel.
+    weights) keep the replicated fallback: correct, just not parallel. weight_groups: the
+    weights carry that leading group axis (False: they are plain arrays, never grouped).
     """
     from jax.experimental.custom_partitioning import custom_partitioning
     from jax.sharding import NamedSharding, PartitionSpec
@@ -261,7 +262,7 @@ def _batch_partitioned(raw, arg_kinds: str, out_kinds: str, rule: str):
     def _batch_axes(arg_shapes):
         spec = getattr(arg_shapes[0].sharding, "spec", None)
         axes = spec[0] if spec is not None and len(spec) else None
-        grouped = any(k == "w" and a.shape[0] > 1 for k, a in zip(arg_kinds, arg_shapes))
+        grouped = weight_groups and any(k == "w" and a.shape[0] > 1 for k, a in zip(arg_kinds, arg_shapes))
         return None if grouped else axes
 
     def _shardings(mesh, axes):

@@ -22,6 +22,7 @@
 //   crnet_separable_bwd_acc   (x, a, b, wdw, wpw, dout (N,H,W,ld), dx_in (N,H,W,C))
 //                          -> as crnet_separable_bwd with dx = dx_in + the input gradient
 //                             (dx aliases dx_in), so branches sharing an input sum in place
+//   crnet_block_infer    a whole residual block in inference mode, fused (BlockInferImpl)
 // The separable targets fuse depthwise + pointwise + bias and, with preact = 1, a
 // prologue x0 = LeakyReLU(a x + b, slope) on their input (a BatchNorm + LeakyReLU); the
 // backward recomputes x0, the depthwise output and dout @ wpw^T on the fly instead of
@@ -501,6 +502,124 @@ ffi::Error SepBwdAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
                       true, dilation, isa, threads, preact, slope);
 }
 
+// Strip width of the fused block: the widest strip (of ceil(W / strips) columns) whose
+// scratch stays within CRNET_BLOCK_SCRATCH_KB (default 1280, in the 2 MB L2 of the
+// machines measured; the rest is left to the input and output rows streaming through).
+int64_t block_strip_width(const crnet_dw::BlockParams& p, int64_t W) {
+  static const int64_t budget = [] {
+    const char* s = std::getenv("CRNET_BLOCK_SCRATCH_KB");
+    return (s ? std::max<int64_t>(64, std::atoll(s)) : int64_t{1280}) * 256;  // floats
+  }();
+  for (int64_t strips = 1;; ++strips) {
+    const int64_t ws = (W + strips - 1) / strips;
+    if (ws <= 16 || crnet_dw::block_scratch_floats(p, ws) <= budget) return ws;
+  }
+}
+
+// Fused residual block for inference (crnet_dw::BlockParams):
+//   x (N,H,W,C), pre_a, pre_b (C), wsc (C,L), bsc (L), then per branch the 8 buffers
+//   wdw1 (k,k,C), wpw1 (C,F), b1 (F), mid_a (F), mid_b (F), wdw2 (k,k,F), wpw2 (F,F), b2 (F)
+//   -> out (N,H,W,L), L = branches * F.
+// Attributes: dilations (i64 array, one per branch), preact, slope (the prologue on x),
+// mid_slope, isa, threads.
+ffi::Error BlockInferImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> pre_a,
+                          ffi::Buffer<ffi::F32> pre_b, ffi::Buffer<ffi::F32> wsc,
+                          ffi::Buffer<ffi::F32> bsc, ffi::RemainingArgs rest,
+                          ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> dilations,
+                          int64_t preact, float slope, float mid_slope, int64_t isa,
+                          int64_t threads) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 4) return ffi::Error::InvalidArgument("x must have rank 4 (N, H, W, C)");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
+  const int64_t nb = static_cast<int64_t>(dilations.size());
+  if (nb < 1 || nb > crnet_dw::kMaxBranches)
+    return ffi::Error::InvalidArgument("the block needs 1 to " + std::to_string(crnet_dw::kMaxBranches) +
+                                       " branches");
+  if (static_cast<int64_t>(rest.size()) != 8 * nb)
+    return ffi::Error::InvalidArgument("the block takes 8 buffers per branch after the shortcut's");
+  auto is = [](ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
+    return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
+  };
+  if (!is(pre_a.dimensions(), {C}) || !is(pre_b.dimensions(), {C}))
+    return ffi::Error::InvalidArgument("prologue scale and shift must have shape (C,)");
+  const auto sd = wsc.dimensions();
+  if (sd.size() != 2 || sd[0] != C) return ffi::Error::InvalidArgument("shortcut kernel must be (C, L)");
+  const int64_t L = sd[1];
+  if (!is(bsc.dimensions(), {L})) return ffi::Error::InvalidArgument("shortcut bias must be (L,)");
+  if (L % nb != 0) return ffi::Error::InvalidArgument("L must be the branches' channels summed");
+  const int64_t F = L / nb;
+  if (!is(out->dimensions(), {N, H, W, L})) return ffi::Error::InvalidArgument("out must be (N, H, W, L)");
+  crnet_dw::BlockParams p;
+  p.pre = preact ? crnet_dw::Prologue{pre_a.typed_data(), pre_b.typed_data(), slope} : crnet_dw::Prologue{};
+  p.mid_slope = mid_slope;
+  p.wsc = wsc.typed_data();
+  p.bsc = bsc.typed_data();
+  p.nb = static_cast<int>(nb);
+  p.C = C;
+  p.F = F;
+  p.L = L;
+  double work = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* ptr[8];
+    for (int64_t i = 0; i < 8; ++i) {
+      auto buf = rest.get<ffi::Buffer<ffi::F32>>(8 * b + i);
+      if (!buf.has_value()) return buf.error();
+      const auto dd = buf->dimensions();
+      const int64_t k = (i == 0 || i == 5) && dd.size() == 3 ? dd[0] : 0;
+      bool ok;
+      switch (i) {
+        case 0: ok = dd.size() == 3 && dd[1] == k && dd[2] == C; break;
+        case 1: ok = is(dd, {C, F}); break;
+        case 5: ok = dd.size() == 3 && dd[1] == k && dd[2] == F && k == p.br[b].k; break;
+        case 6: ok = is(dd, {F, F}); break;
+        default: ok = is(dd, {F});
+      }
+      if (!ok)
+        return ffi::Error::InvalidArgument("branch " + std::to_string(b) + ", buffer " + std::to_string(i) +
+                                           ": wrong shape (see crnet_block_infer)");
+      if (i == 0) {
+        if (k < 1 || k % 2 == 0 || k > 15)
+          return ffi::Error::InvalidArgument("kernel size must be odd and <= 15");
+        p.br[b].k = k;
+      }
+      ptr[i] = buf->typed_data();
+    }
+    if (dilations[b] < 1) return ffi::Error::InvalidArgument("dilation must be >= 1");
+    p.br[b].d = dilations[b];
+    p.br[b].wdw1 = ptr[0];
+    p.br[b].wpw1 = ptr[1];
+    p.br[b].b1 = ptr[2];
+    p.br[b].mid_a = ptr[3];
+    p.br[b].mid_b = ptr[4];
+    p.br[b].wdw2 = ptr[5];
+    p.br[b].wpw2 = ptr[6];
+    p.br[b].b2 = ptr[7];
+    work += double(N) * H * W * ((C + F) * p.br[b].k * p.br[b].k + (C + F) * F);
+  }
+  const int64_t ws = block_strip_width(p, W);
+  const int64_t strips = (W + ws - 1) / ws;
+  const int isa_ = crnet_dw::resolve_isa(static_cast<int>(isa));
+  const int64_t nthreads = num_threads(pool, threads, work);
+  // Bands of rows only where images x strips leave threads idle: each band recomputes
+  // 2R rows of x0 and 2 R_b of each middle above and below it.
+  int64_t bands = std::max<int64_t>(1, (4 * nthreads + N * strips - 1) / (N * strips));
+  bands = std::min<int64_t>(bands, std::max<int64_t>(1, H / 64));
+  const int64_t rows = (H + bands - 1) / bands;
+  bands = (H + rows - 1) / rows;
+  const float* xp = x.typed_data();
+  float* op = out->typed_data();
+  const bool nt = use_streaming(op, N * H * W * L, L);
+  parallel_for(pool, nthreads, N * bands * strips, [=, &p](int64_t unit) {
+    const int64_t n = unit / (bands * strips), rest_ = unit % (bands * strips);
+    const int64_t bnd = rest_ / strips, s = rest_ % strips;
+    const int64_t i0 = bnd * rows, i1 = std::min(H, i0 + rows);
+    const int64_t jb = s * ws, je = std::min(W, jb + ws);
+    crnet_dw::block_fwd_unit(isa_, xp + n * H * W * C, p, op + n * H * W * L, H, W, i0, i1, jb, je, nt);
+    if (nt) crnet_dw::sfence();
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define CRNET_ATTRS .Attr<int64_t>("dilation").Attr<int64_t>("isa").Attr<int64_t>("threads")
@@ -601,6 +720,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwdAcc, SepBwdAccImpl,
                                   .Ret<F32Buf>()  // dbias
                                   CRNET_SLICE_ATTRS);
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetBlockInfer, BlockInferImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x (N, H, W, C)
+                                  .Arg<F32Buf>()  // pre_a (C)
+                                  .Arg<F32Buf>()  // pre_b (C)
+                                  .Arg<F32Buf>()  // wsc (C, L)
+                                  .Arg<F32Buf>()  // bsc (L)
+                                  .RemainingArgs()  // 8 buffers per branch
+                                  .Ret<F32Buf>()  // out (N, H, W, L)
+                                  .Attr<ffi::Span<const int64_t>>("dilations")
+                                  .Attr<int64_t>("preact")
+                                  .Attr<float>("slope")
+                                  .Attr<float>("mid_slope")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
 // ------------------------------------------------------------------------------------
 // Python module: registrations() -> {target name: PyCapsule}, abi_version() -> int,
 // source_digest() -> str, best_isa() -> int.
@@ -621,7 +757,8 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
       !add("crnet_separable_bwd", reinterpret_cast<void*>(CrnetSeparableBwd)) ||
       !add("crnet_separable_fwd_into", reinterpret_cast<void*>(CrnetSeparableFwdInto)) ||
       !add("crnet_separable_fwd_stats", reinterpret_cast<void*>(CrnetSeparableFwdStats)) ||
-      !add("crnet_separable_bwd_acc", reinterpret_cast<void*>(CrnetSeparableBwdAcc))) {
+      !add("crnet_separable_bwd_acc", reinterpret_cast<void*>(CrnetSeparableBwdAcc)) ||
+      !add("crnet_block_infer", reinterpret_cast<void*>(CrnetBlockInfer))) {
     Py_DECREF(d);
     return nullptr;
   }
@@ -631,7 +768,7 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
 // Version of the targets' calling convention (operands, results, attributes). Raise it
 // with every change to them, together with ABI_VERSION in crnet_jax/_ffi.py, so that an
 // extension left over from an older build is refused instead of called wrongly.
-static constexpr long kAbiVersion = 2;
+static constexpr long kAbiVersion = 3;
 
 static PyObject* py_abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
 

@@ -72,6 +72,11 @@ void sep_bwd_band(int isa, const float* x, const Prologue& pre, const SepIO& io,
                  part_sa, part_sb, H, W, C, Co, k, d, i0, i1, nt);
 }
 
+void block_fwd_unit(int isa, const float* x, const BlockParams& p, float* out, int64_t H,
+                    int64_t W, int64_t i0, int64_t i1, int64_t jb, int64_t je, bool nt) {
+  CRNET_ISA_CALL(block_fwd_unit, x, p, out, H, W, i0, i1, jb, je, nt);
+}
+
 void sfence() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_sfence();

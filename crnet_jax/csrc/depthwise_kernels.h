@@ -72,6 +72,59 @@ void sep_bwd_band(int isa, const float* x, const Prologue& pre, const SepIO& io,
                   int64_t H, int64_t W, int64_t C, int64_t Co,
                   int64_t k, int64_t d, int64_t i0, int64_t i1, bool nt);
 
+// Fused residual block for inference (a Res-CR-Net STEM or CONV RES block with its
+// BatchNorms at their running statistics):
+//   out (H, W, L) = x @ wsc + bsc  +  concat over branches b of
+//                   sep2_b(LeakyReLU(mid_a_b * sep1_b(x0) + mid_b_b, mid_slope))
+// where x0 = x or its prologue (the block's pre-activation), sep = depthwise (k_b, d_b,
+// zero 'same' padding) -> pointwise -> bias, sep1_b: C -> F, sep2_b: F -> F, and branch b
+// fills channels [b F, (b + 1) F) of L = nb F. One call computes output rows [i0, i1) x
+// columns [jb, je) of one image, streaming rows through rings in scratch memory: x0
+// (2R + 1 rows, R = max_b R_b, R_b = (k_b / 2) d_b) and each branch's activated middle
+// (2 R_b + 1 rows), with the column halo they need, so that per pixel only x is read and
+// out is written once; no intermediate goes through main memory.
+constexpr int kMaxBranches = 4;
+struct BlockBranch {
+  const float* wdw1;   // (k, k, C)
+  const float* wpw1;   // (C, F)
+  const float* b1;     // (F)
+  const float* mid_a;  // (F) the middle BatchNorm's scale
+  const float* mid_b;  // (F) and shift
+  const float* wdw2;   // (k, k, F)
+  const float* wpw2;   // (F, F)
+  const float* b2;     // (F)
+  int64_t k, d;
+};
+struct BlockParams {
+  Prologue pre;     // the branches' input: LeakyReLU(a x + b) (CONV RES); a == nullptr: x (STEM)
+  float mid_slope;  // LeakyReLU slope after the middle BatchNorms
+  const float* wsc; // (C, L) shortcut kernel, its BatchNorm folded in
+  const float* bsc; // (L)
+  int nb;
+  BlockBranch br[kMaxBranches];
+  int64_t C, F, L;
+};
+
+// Floats of scratch block_fwd_unit needs for a strip of `ws` output columns (its rings and
+// row buffers); callers pick the strip width so that this stays in the L2 cache.
+inline int64_t block_scratch_floats(const BlockParams& p, int64_t ws) {
+  auto up = [](int64_t n) { return (n + 15) / 16 * 16; };
+  int64_t R = 0;
+  for (int b = 0; b < p.nb; ++b) R = R > (p.br[b].k / 2) * p.br[b].d ? R : (p.br[b].k / 2) * p.br[b].d;
+  int64_t n = up((2 * R + 1) * (ws + 4 * R) * p.C);  // x0 ring
+  for (int b = 0; b < p.nb; ++b) {
+    const int64_t Rb = (p.br[b].k / 2) * p.br[b].d;
+    n += up((2 * Rb + 1) * (ws + 2 * Rb) * p.F);     // middle ring of branch b
+  }
+  n += up((ws + 2 * R) * p.C) + up((ws + 2 * R) * p.F) + up(ws * p.F) + up(ws * p.L);  // row buffers
+  return n + 16;
+}
+
+// The fused block on output rows [i0, i1) x columns [jb, je) of one image: x (H, W, C),
+// out (H, W, L). nt: non-temporal stores (out 64-byte aligned, L a multiple of 16).
+void block_fwd_unit(int isa, const float* x, const BlockParams& p, float* out, int64_t H,
+                    int64_t W, int64_t i0, int64_t i1, int64_t jb, int64_t je, bool nt);
+
 // Store fence after non-temporal stores (no-op where not needed).
 void sfence();
 

@@ -31,4 +31,6 @@
                     const float*, const float*, float*, float*, float*, float*, float*,      \
                     float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,   \
                     int64_t, bool);                                                          \
+  void block_fwd_unit(const float*, const BlockParams&, float*, int64_t, int64_t, int64_t,  \
+                      int64_t, int64_t, int64_t, bool);                                      \
   }
