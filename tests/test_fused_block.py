@@ -4,6 +4,11 @@ instruction set, thread counts, gradients, vmap, batch sharding, argument checks
 network's inference with and without it."""
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -95,6 +100,20 @@ def test_fused_block_other_instruction_sets(isa):
         got = residual_block_inference_fused(x, branches, dilations, sk, sb, pro, 0.1, isa=isa)
         want = residual_block_inference_reference(x, branches, dilations, sk, sb, pro, 0.1, impl="xla")
         _close(got, want, 2e-6)
+
+
+def test_fused_block_streaming_stores():
+    """Outputs far bigger than the caches are written with non-temporal stores (another
+    compiled path); CRNET_DEPTHWISE_STREAM_MB=0 sends every output that qualifies (L a
+    multiple of 16, 64-byte aligned) through it."""
+    env = {**os.environ, "CRNET_DEPTHWISE_STREAM_MB": "0"}
+    test = pathlib.Path(__file__)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "-k", "matches_layers"],
+        cwd=test.parent, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-500:]
 
 
 def test_fused_block_threads_identical():
