@@ -19,9 +19,10 @@ convolutions run as one fan-out from the block input (`separable_conv2d_fanout`)
 training also returns their outputs' batch moments for the branches' BatchNorms.
 
 The shortcut: in inference its BatchNorm is folded into the 1x1 kernel (the bias is added by
-the branches' kernels); in training the 1x1 convolution returns its output's batch moments
-with it (`PointwiseConv.with_moments`: with the C++ kernels a separable call with a 1 x 1
-depthwise kernel of ones, one pass forward and one backward) and the BatchNorm is one
+the branches' kernels); in training the 1x1 convolution of the raw x joins the branches'
+fan-out (with the C++ kernels one pass over x computes the three first convolutions of the
+pre-activated x and the shortcut, each with its batch moments; in the backward the
+shortcut's input gradient is added in place to the branches') and its BatchNorm is one
 scale-shift.
 
 In inference mode (every BatchNorm at its running statistics) the whole block is one C++
@@ -112,8 +113,12 @@ class ResidualBlock(nnx.Module):
         # In training the first convolutions also return their outputs' batch moments, summed
         # by the kernels as they write them, for the branches' BatchNorms.
         training = not all(branch.bn.use_running_average for branch in self.branches)
-        hs = separable_fanout([branch.conv1 for branch in self.branches], x, prologue, moments=training)
-        out, bias = self._shortcut(x)
+        # In training the shortcut's 1 x 1 convolution (with its moments) joins the fan-out:
+        # one pass over x for all four convolutions.
+        joint = training and not self.shortcut_bn.use_running_average
+        hs = separable_fanout([branch.conv1 for branch in self.branches], x, prologue, moments=training,
+                              shortcut=self.shortcut_conv if joint else None)
+        out, bias = self._shortcut(x, hs.pop() if joint else None)
         offset = 0
         for branch, h in zip(self.branches, hs):
             h, moments = (h[0], h[1:]) if training else (h, None)
@@ -165,7 +170,8 @@ class ResidualBlock(nnx.Module):
         kernel = conv.kernel[...].astype(jnp.float32) * scale
         return kernel, conv.bias[...].astype(jnp.float32) * scale + shift
 
-    def _shortcut(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def _shortcut(self, x: jax.Array, computed: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                  ) -> tuple[jax.Array, jax.Array | None]:
         """shortcut_bn(shortcut_conv(x)) as (values, None); in inference mode, where the
         BatchNorm is a fixed affine map, as (x @ folded kernel, folded bias): its scale is
         folded into the 1x1 kernel and the bias is left for the caller to add (the branches'
@@ -174,7 +180,8 @@ class ResidualBlock(nnx.Module):
         moments come with the convolution (`PointwiseConv.with_moments`: summed by the C++
         kernel as it writes, its backward one pass) and the BatchNorm is one scale-shift."""
         if not self.shortcut_bn.use_running_average:
-            y, mean, mean_sq = self.shortcut_conv.with_moments(x, self.impl)
+            # computed: (y, mean, mean_sq) from the branches' fan-out
+            y, mean, mean_sq = computed if computed is not None else self.shortcut_conv.with_moments(x, self.impl)
             scale, shift = batch_norm_scale_shift(self.shortcut_bn, None, (mean, mean_sq))
             # in float32 like flax's BatchNorm (rounded once, to the compute dtype)
             return (y.astype(jnp.float32) * scale + shift).astype(y.dtype), None

@@ -35,9 +35,11 @@ one fused C++ kernel per direction, so the Cin-channel depthwise output never re
 memory: on CPU these layers are memory-bound at 300x340x8, so this is worth 1.5-2x over
 depthwise(ffi) + einsum. `separable_conv2d_into` adds a separable convolution into a
 channel slice of a wider tensor in place (its backward reads that slice of the gradient),
-and `separable_conv2d_fanout` runs several convolutions of one input whose backward
-accumulates one input gradient in place: a residual block then needs neither the
-concatenation of its branches nor XLA passes to slice and sum full-size gradients. Under a batch-sharded jit (data parallelism over devices or
+and `separable_conv2d_fanout` runs several convolutions of one input (and a 1 x 1 shortcut
+of the raw input) in one pass over it, whose backward accumulates one input gradient in
+place: a residual block then needs neither the concatenation of its branches nor XLA passes
+to slice and sum full-size gradients. (`crnet_jax.fused_block` runs a whole block in
+inference mode as one kernel.) Under a batch-sharded jit (data parallelism over devices or
 processes) the FFI calls run per device on the local images and the weight gradients are
 psum-ed (jax.experimental.custom_partitioning); under vmap the mapped axis is folded into
 the batch, so a vmapped call is still one kernel launch.
@@ -440,6 +442,72 @@ def _ffi_stats_op(d: int, isa: int, threads: int, slope: float | None):
     return sep_fwd_stats
 
 
+_FANOUT_MAX = 5  # convolutions one crnet_fanout_fwd_stats call takes (crnet_dw::kMaxBranches + 1)
+
+
+def _fanout_per_conv(x, a, b, ws, dilations, raw, isa, threads, slope):
+    """What `_ffi_fanout_op` computes, one kernel call per convolution (its vmap path)."""
+    outs = []
+    one = jnp.ones((1, x.shape[-1]), jnp.float32)
+    for i, (d, is_raw) in enumerate(zip(dilations, raw)):
+        wdw, wpw, bias = ws[3 * i : 3 * i + 3]
+        pre = (one, one) if is_raw else (a[None], b[None])
+        y, s1, s2 = _ffi_stats_op(d, isa, threads, None if is_raw else slope)(
+            x, *pre, wdw[None], wpw[None], bias[None])
+        outs += [y, s1[0], s2[0]]
+    return tuple(outs)
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_fanout_op(dilations: tuple[int, ...], raw: tuple[int, ...], isa: int, threads: int, slope: float | None):
+    """custom_vmap-wrapped `crnet_fanout_fwd_stats`: several convolutions of one input in one
+    pass over it, with the sums of each output and of its square over the batch.
+
+      op(x (N,H,W,C), a (C,), b (C,), *(wdw (k,k,C), wpw (C,Co), bias (Co,)) per convolution)
+        -> (y (N,H,W,Co), sum (Co,), sumsq (Co,)) per convolution, flat
+
+    Convolutions with raw[i] = 1 are 1 x 1 convolutions of the raw x (their wdw is ignored);
+    the others separable convolutions of LeakyReLU(a x + b, slope) (of x if slope is None).
+    Under vmap (the sums must come out per element) each convolution runs as its own call.
+    All float32.
+    """
+    n = len(dilations)
+    attrs = dict(
+        dilations=np.asarray(dilations, np.int64), raw=np.asarray(raw, np.int64),
+        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
+        isa=np.int64(isa), threads=np.int64(threads),
+    )
+    f32 = jnp.float32
+
+    def raw_call(x, a, b, *ws):
+        shapes = []
+        for i in range(n):
+            co = ws[3 * i + 1].shape[1]
+            shapes += [jax.ShapeDtypeStruct((*x.shape[:3], co), f32), jax.ShapeDtypeStruct((co,), f32),
+                       jax.ShapeDtypeStruct((co,), f32)]
+        return tuple(jax.ffi.ffi_call("crnet_fanout_fwd_stats", tuple(shapes))(x, a, b, *ws, **attrs))
+
+    specs, outs = ["n h w c", "c", "c"], []
+    for i in range(n):
+        specs += [f"u{i} v{i} c", f"c o{i}", f"o{i}"]
+        outs += [f"n h w o{i}", f"o{i}", f"o{i}"]
+    rule = ", ".join(specs) + " -> " + ", ".join(outs)
+    partitioned = _batch_partitioned(raw_call, "bww" + "www" * n, "brr" * n, rule, weight_groups=False)
+
+    @jax.custom_batching.custom_vmap
+    def op(x, a, b, *ws):
+        return tuple(partitioned(x, a, b, *ws))
+
+    @op.def_vmap
+    def _rule(axis_size, in_batched, x, a, b, *ws):
+        axes = tuple(0 if batched else None for batched in in_batched)
+        outs = jax.vmap(lambda x, a, b, *ws: _fanout_per_conv(x, a, b, ws, dilations, raw, isa, threads, slope),
+                        in_axes=axes)(x, a, b, *ws)
+        return tuple(outs), (True,) * len(outs)
+
+    return op
+
+
 @functools.lru_cache(maxsize=None)
 def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: int):
     """custom_vmap-wrapped separable FFI calls on a channel slice of a wider tensor, and the
@@ -593,56 +661,80 @@ def _ffi_sep_into_bwd(d, isa, threads, slope, offset, res, g):
 _ffi_sep_into.defvjp(_ffi_sep_into_fwd, _ffi_sep_into_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _ffi_sep_fanout(x, a, b, weights, dilations: tuple[int, ...], isa: int, threads: int, slope: float | None,
-                    moments: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ffi_sep_fanout(x, a, b, weights, shortcut, dilations: tuple[int, ...], isa: int, threads: int,
+                    slope: float | None, moments: bool):
     """-> per convolution y, or (y, mean (Co,), mean of squares (Co,)) with moments: the
-    output's BatchNorm moments over (B, H, W), summed in the kernel as it writes y."""
+    output's BatchNorm moments over (B, H, W), summed in the kernel as it writes y; then,
+    with a shortcut (kernel (C, L), bias (L,)), the same for its 1 x 1 convolution of the
+    raw x. One kernel call reads x once for all of them."""
     f = jnp.float32
+    convs = [tuple(w.astype(f) for w in conv) for conv in weights]
+    raw = [0] * len(convs)
+    dils = list(dilations)
+    if shortcut is not None:
+        convs.append((jnp.ones((1, 1, x.shape[-1]), f), shortcut[0].astype(f), shortcut[1].astype(f)))
+        raw.append(1)
+        dils.append(1)
+    args = (x.astype(f), a.astype(f), b.astype(f), *(w for conv in convs for w in conv))
+    if len(convs) <= _FANOUT_MAX:
+        res = _ffi_fanout_op(tuple(dils), tuple(raw), isa, threads, slope)(*args)
+    else:  # more than the kernel takes at once: one call per convolution
+        res = _fanout_per_conv(*args[:3], args[3:], tuple(dils), tuple(raw), isa, threads, slope)
+    count = np.float32(np.prod(x.shape[:3]))
     outs = []
-    for (wdw, wpw, bias), d in zip(weights, dilations):
-        args = (x.astype(f), *(w.astype(f)[None] for w in (a, b, wdw, wpw, bias)))
-        if moments:
-            y, s1, s2 = _ffi_stats_op(d, isa, threads, slope)(*args)
-            count = np.float32(np.prod(y.shape[:3]))
-            outs.append((y.astype(x.dtype), s1[0] / count, s2[0] / count))
-        else:
-            outs.append(_ffi_sep_ops(d, isa, threads, slope)[0](*args).astype(x.dtype))
+    for i in range(len(convs)):
+        y, s1, s2 = res[3 * i : 3 * i + 3]
+        outs.append((y.astype(x.dtype), s1 / count, s2 / count) if moments else y.astype(x.dtype))
     return tuple(outs)
 
 
-def _ffi_sep_fanout_fwd(x, a, b, weights, dilations, isa, threads, slope, moments):
-    outs = _ffi_sep_fanout(x, a, b, weights, dilations, isa, threads, slope, moments)
+def _ffi_sep_fanout_fwd(x, a, b, weights, shortcut, dilations, isa, threads, slope, moments):
+    outs = _ffi_sep_fanout(x, a, b, weights, shortcut, dilations, isa, threads, slope, moments)
     ys = tuple(o[0] for o in outs) if moments else None
-    return outs, (x, a, b, weights, ys)
+    return outs, (x, a, b, weights, shortcut, ys)
 
 
 def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, moments, res, gs):
     """One input gradient for all the convolutions: the first backward call writes it, the
-    others add to it in place, instead of XLA summing separate full-size gradients. With
-    moments, their cotangents join each output's: d mean / dy = 1 / count and
-    d mean_sq / dy = 2 y / count."""
-    x, a, b, weights, ys = res
+    others (the shortcut's last) add to it in place, instead of XLA summing separate
+    full-size gradients. With moments, their cotangents join each output's:
+    d mean / dy = 1 / count and d mean_sq / dy = 2 y / count."""
+    x, a, b, weights, shortcut, ys = res
     f = jnp.float32
     xf, af, bf = x.astype(f), a.astype(f)[None], b.astype(f)[None]
+    count = np.float32(np.prod(x.shape[:3]))
+
+    def cotangent(i):
+        if not moments:
+            return gs[i].astype(f)
+        g, g1, g2 = gs[i]
+        return g.astype(f) + g1.astype(f) / count + ys[i].astype(f) * (2.0 * g2.astype(f) / count)
+
     dx = None
     da = db = 0.0
     dweights = []
-    for i, ((wdw, wpw, bias), d, g) in enumerate(zip(weights, dilations, gs)):
-        if moments:
-            g, g1, g2 = g
-            y = ys[i].astype(f)
-            count = np.float32(np.prod(y.shape[:3]))
-            g = g.astype(f) + g1.astype(f) / count + y * (2.0 * g2.astype(f) / count)
+    for i, ((wdw, wpw, bias), d) in enumerate(zip(weights, dilations)):
         ws = (wdw.astype(f)[None], wpw.astype(f)[None])
         if dx is None:
-            outs = _ffi_sep_ops(d, isa, threads, slope)[1](xf, af, bf, *ws, g.astype(f))
+            outs = _ffi_sep_ops(d, isa, threads, slope)[1](xf, af, bf, *ws, cotangent(i))
         else:
-            outs = _ffi_slice_ops(d, isa, threads, slope, 0)[2](xf, af, bf, *ws, g.astype(f), dx)
+            outs = _ffi_slice_ops(d, isa, threads, slope, 0)[2](xf, af, bf, *ws, cotangent(i), dx)
         dx, da_i, db_i, dwdw, dwpw, dbias = outs
         da, db = da + da_i[0], db + db_i[0]
         dweights.append((dwdw[0].astype(wdw.dtype), dwpw[0].astype(wpw.dtype), dbias[0].astype(bias.dtype)))
-    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), tuple(dweights)
+    dshortcut = None
+    if shortcut is not None:  # a separable call with a 1 x 1 kernel of ones, no prologue
+        one = jnp.ones((1, x.shape[-1]), f)
+        ws = (jnp.ones((1, 1, 1, x.shape[-1]), f), shortcut[0].astype(f)[None])
+        g = cotangent(len(weights))
+        if dx is None:
+            outs = _ffi_sep_ops(1, isa, threads, None)[1](xf, one, one, *ws, g)
+        else:
+            outs = _ffi_slice_ops(1, isa, threads, None, 0)[2](xf, one, one, *ws, g, dx)
+        dx, _, _, _, dk, dbias = outs
+        dshortcut = (dk[0].astype(shortcut[0].dtype), dbias[0].astype(shortcut[1].dtype))
+    return dx.astype(x.dtype), jnp.asarray(da).astype(a.dtype), jnp.asarray(db).astype(b.dtype), tuple(dweights), dshortcut
 
 
 _ffi_sep_fanout.defvjp(_ffi_sep_fanout_fwd, _ffi_sep_fanout_bwd)
@@ -856,13 +948,19 @@ def separable_conv2d_fanout(
     *,
     prologue: tuple[jax.Array, jax.Array, float] | None = None,
     moments: bool = False,
+    shortcut: tuple[jax.Array, jax.Array] | None = None,
 ) -> list:
     """Several separable convolutions of the same input (and prologue):
     `[separable_conv2d(x, dw, pw, bias, d, impl, prologue=prologue) for dw, pw, bias, d in convs]`.
 
-    Same values; with impl "ffi" the backward produces one input gradient, each kernel after
-    the first adding its contribution in place, instead of one full-size (B, H, W, Cin)
-    gradient per convolution summed by XLA afterwards.
+    Same values; with impl "ffi" one kernel call reads x once for all of them (the rows of
+    the pre-activated input go through a ring in cache), and the backward produces one
+    input gradient, each kernel after the first adding its contribution in place, instead
+    of one full-size (B, H, W, Cin) gradient per convolution summed by XLA afterwards.
+
+    shortcut: (kernel (Cin, L), bias (L,)) of a 1 x 1 convolution of the raw x (without
+      the prologue: a residual block's shortcut), computed in the same pass; its result
+      (y or (y, mean, mean_sq)) is appended to the list.
 
     moments: return (y, mean, mean_sq) per convolution instead of y, the mean over (B, H, W)
       of y and of y**2 in float32, shape (Cout,) each (the statistics of a BatchNorm that
@@ -871,8 +969,12 @@ def separable_conv2d_fanout(
       impl "ffi" the kernel sums them as it writes y, so no reduction pass over y is needed.
     """
     impl = default_implementation() if impl == "auto" else impl
+    if shortcut is not None and shortcut[0].shape[0] != x.shape[-1]:
+        raise ValueError(f"shortcut kernel {shortcut[0].shape} does not match {x.shape[-1]} input channels")
     if impl != "ffi":
         ys = [separable_conv2d(x, dw, pw, b, d, impl, prologue=prologue) for dw, pw, b, d in convs]
+        if shortcut is not None:
+            ys.append((jnp.einsum("bhwc,cl->bhwl", x, shortcut[0]) + shortcut[1]).astype(x.dtype))
         if not moments:
             return ys
         return [(y, *batch_moments(y)) for y in ys]
@@ -889,5 +991,6 @@ def separable_conv2d_fanout(
         a, b_, slope = one, one, None
     else:
         a, b_, slope = prologue[0], prologue[1], float(prologue[2])
-    outs = _ffi_sep_fanout(x, a, b_, tuple(weights), tuple(dilations), _isa_code(None), 0, slope, bool(moments))
+    outs = _ffi_sep_fanout(x, a, b_, tuple(weights), None if shortcut is None else tuple(shortcut), tuple(dilations),
+                           _isa_code(None), 0, slope, bool(moments))
     return list(outs)

@@ -103,18 +103,28 @@ class SeparableAtrousConv(nnx.Module):
 
 
 def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,
-                     prologue: tuple[jax.Array, jax.Array, float] | None = None, moments: bool = False) -> list:
-    """[conv(x, prologue) for conv in convs]; their backward produces one input gradient
-    (see `separable_conv2d_fanout`). moments: (y, mean, mean_sq) per convolution, the
-    float32 moments of y over (B, H, W) for the BatchNorm that follows."""
-    if len({(conv.impl, conv.dtype) for conv in convs}) == 1:
+                     prologue: tuple[jax.Array, jax.Array, float] | None = None, moments: bool = False,
+                     shortcut: PointwiseConv | None = None) -> list:
+    """[conv(x, prologue) for conv in convs] (+ [shortcut(x)]: a 1 x 1 convolution of the raw
+    x, without the prologue); with the C++ kernels one pass over x computes them all and
+    their backward produces one input gradient (see `separable_conv2d_fanout`). moments:
+    (y, mean, mean_sq) per convolution, the float32 moments of y over (B, H, W), for the
+    BatchNorm that follows."""
+    if len({(conv.impl, conv.dtype) for conv in convs}) == 1 and (
+            shortcut is None or jnp.dtype(shortcut.dtype) == jnp.dtype(convs[0].dtype)):
         weights = [conv._weights() for conv in convs]
+        sc = None
+        if shortcut is not None:
+            sc = (shortcut.kernel[...].astype(shortcut.dtype), shortcut.bias[...].astype(shortcut.dtype))
         return separable_conv2d_fanout(x.astype(convs[0].dtype), weights, convs[0].impl, prologue=prologue,
-                                       moments=moments)
+                                       moments=moments, shortcut=sc)
     ys = [conv(x, prologue) for conv in convs]
+    if shortcut is not None:
+        ys.append(shortcut(x))
     if not moments:
         return ys
     return [(y, *batch_moments(y)) for y in ys]
+
 
 class PointwiseConv(nnx.Module):
     """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,)."""

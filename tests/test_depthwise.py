@@ -426,6 +426,89 @@ def test_separable_fanout_moments(impl, case):
         _close(gl, wl, 2e-5, "grad")
 
 
+# (B, H, W, Cin, (k, d) per separable convolution, prologue): a CONV RES block's fan-out,
+# the STEM's (one channel, no prologue), and more convolutions than one kernel call takes
+# (the per-convolution path); W wide enough for column strips in the block case.
+SHORTCUT_CASES = [
+    (2, 14, 300, 48, ((3, 1), (5, 3), (7, 5)), True),
+    (2, 9, 13, 1, ((3, 1), (5, 3), (7, 5)), False),
+    (1, 8, 11, 16, ((3, 1), (5, 3), (7, 5), (3, 2), (5, 1)), True),
+]
+
+
+@pytest.mark.parametrize("impl", [pytest.param("ffi", marks=needs_ffi), "shift"])
+@pytest.mark.parametrize("case", SHORTCUT_CASES, ids=["conv-res", "stem", "six-convolutions"])
+def test_separable_fanout_with_shortcut(impl, case):
+    """shortcut=: a 1 x 1 convolution of the raw input (no prologue) in the same pass as the
+    separable convolutions of the pre-activated input (one crnet_fanout_fwd_stats call with
+    the C++ kernels), with moments: values, moments and every gradient (the shortcut's input
+    gradient accumulated into the branches') against the XLA composition; and under vmap,
+    where the moments must come out per element."""
+    b, h, w_, cin, kds, pre = case
+    keys = np.random.default_rng(3 + cin + len(kds))
+    x = _rand(keys, (b, h, w_, cin))
+    a, sh = 1.0 + 0.5 * _rand(keys, (cin,)), 0.3 * _rand(keys, (cin,))
+    convs = [(_rand(keys, (k, k, cin)), _rand(keys, (cin, 16)) / np.sqrt(cin), _rand(keys, (16,))) for k, _ in kds]
+    sc = (_rand(keys, (cin, 48)) / np.sqrt(cin), _rand(keys, (48,)))
+    cts = [_rand(keys, (b, h, w_, 16)) for _ in kds] + [_rand(keys, (b, h, w_, 48))]
+    u = _rand(keys, (48,))
+
+    def f(impl, x, a, sh, convs, sc):
+        outs = dw.separable_conv2d_fanout(x, [(*c, d) for c, (_, d) in zip(convs, kds)], impl,
+                                          prologue=(a, sh, 0.1) if pre else None, moments=True, shortcut=sc)
+        assert len(outs) == len(kds) + 1
+        loss = sum(jnp.sum(y * ct) + 50.0 * (jnp.dot(m, u[: m.shape[0]]) - jnp.dot(q, u[: q.shape[0]]))
+                   for (y, m, q), ct in zip(outs, cts))
+        return loss, outs
+
+    args = (x, a, sh, convs, sc)
+    got = jax.jit(lambda *a: f(impl, *a))(*args)
+    want = f("xla", *args)
+    for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _close(gl, wl, 2e-5, "values and moments")
+    argnums = (0, 1, 2, 3, 4) if pre else (0, 3, 4)
+    got = jax.jit(jax.grad(lambda *a: f(impl, *a)[0], argnums))(*args)
+    want = jax.jit(jax.grad(lambda *a: f("xla", *a)[0], argnums))(*args)
+    for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _close(gl, wl, 5e-5, "gradients")
+    if impl == "ffi" and len(kds) <= 4:
+        hlo = jax.jit(lambda *a: f(impl, *a)).lower(*args).as_text()
+        assert hlo.count("crnet_fanout_fwd_stats") == 1 and "crnet_separable_fwd_stats" not in hlo
+    xs = jnp.stack([x, 0.5 * x])  # vmap: per-element moments
+    got = jax.jit(jax.vmap(lambda x: f(impl, x, a, sh, convs, sc)[1]))(xs)
+    want = jax.vmap(lambda x: f("xla", x, a, sh, convs, sc)[1])(xs)
+    for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _close(gl, wl, 2e-5, "vmap")
+
+
+@needs_ffi
+def test_separable_fanout_with_shortcut_sharded():
+    """Batch-sharded: every device runs the fan-out on its images and the moments' sums are
+    added over devices (psum), so they are the whole batch's."""
+    n = min(jax.device_count(), 4)
+    if n < 2:
+        pytest.skip("needs several devices (conftest sets --xla_force_host_platform_device_count=4)")
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    data = NamedSharding(mesh, P("data"))
+    keys = np.random.default_rng(17)
+    x = _rand(keys, (2 * n, 10, 12, 16))
+    convs = [(_rand(keys, (k, k, 16)), _rand(keys, (16, 8)) / 4, _rand(keys, (8,)), d) for k, d in ((3, 1), (5, 3))]
+    pro = (1.0 + 0.5 * _rand(keys, (16,)), 0.3 * _rand(keys, (16,)), 0.1)
+    sc = (_rand(keys, (16, 24)) / 4, _rand(keys, (24,)))
+
+    def f(impl, x):
+        return dw.separable_conv2d_fanout(x, convs, impl, prologue=pro, moments=True, shortcut=sc)
+
+    fs = jax.jit(lambda x: f("ffi", x), in_shardings=data)
+    got = fs(jax.device_put(x, data))
+    for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(f("xla", x))):
+        _close(gl, wl, 2e-5)
+    hlo = fs.lower(jax.device_put(x, data)).compile().as_text()
+    assert "all-gather(" not in hlo and "all-reduce(" in hlo
+
+
 @needs_ffi
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_separable_fanout_and_into_other_instruction_sets(isa, monkeypatch):
@@ -528,12 +611,12 @@ def test_streaming_stores_match(tmp_path):
     """The kernels write outputs far bigger than the caches with non-temporal stores (a
     separate compiled path); CRNET_DEPTHWISE_STREAM_MB=0 lowers the size threshold to zero,
     so every output that qualifies otherwise (64-byte aligned, channels a multiple of 16,
-    written whole rather than into a slice) in the fan-out, moments, shortcut and separable
+    written whole rather than into a slice) in the fan-out (with and without the shortcut), moments, shortcut and separable
     cases is written through that path."""
     env = {**os.environ, "CRNET_DEPTHWISE_STREAM_MB": "0"}
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_depthwise.py"),
-         "-k", "(fanout_and_into_match or fanout_moments or separable_matches_reference) and ffi"],
+         "-k", "(fanout_and_into_match or fanout_moments or fanout_with_shortcut or separable_matches_reference) and ffi"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

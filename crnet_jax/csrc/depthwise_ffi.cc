@@ -23,6 +23,9 @@
 //                          -> as crnet_separable_bwd with dx = dx_in + the input gradient
 //                             (dx aliases dx_in), so branches sharing an input sum in place
 //   crnet_block_infer    a whole residual block in inference mode, fused (BlockInferImpl)
+//   crnet_fanout_fwd_stats  several convolutions of one input with their moments, one pass
+//                          over it (FanoutFwdImpl): a training block's first convolutions
+//                          and shortcut
 // The separable targets fuse depthwise + pointwise + bias and, with preact = 1, a
 // prologue x0 = LeakyReLU(a x + b, slope) on their input (a BatchNorm + LeakyReLU); the
 // backward recomputes x0, the depthwise output and dout @ wpw^T on the fly instead of
@@ -620,6 +623,124 @@ ffi::Error BlockInferImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+
+// Training's fan-out (crnet_dw::FanoutParams) in one pass over x:
+//   x (N,H,W,C), a, b (C) (the prologue of the separable convolutions, preact = 1), then per
+//   convolution wdw (k,k,C), wpw (C,Co), bias (Co) -> per convolution y (N,H,W,Co), sum (Co),
+//   sumsq (Co) (sums over the batch of y and y^2). Attributes: dilations (one per
+//   convolution), raw (one per convolution: 1 = a 1 x 1 convolution of the raw x, its wdw
+//   ignored), preact, slope, isa, threads.
+ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                         ffi::Buffer<ffi::F32> b, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                         ffi::Span<const int64_t> dilations, ffi::Span<const int64_t> raw,
+                         int64_t preact, float slope, int64_t isa, int64_t threads) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 4) return ffi::Error::InvalidArgument("x must have rank 4 (N, H, W, C)");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
+  const int64_t n = static_cast<int64_t>(dilations.size());
+  if (n < 1 || n > crnet_dw::kMaxBranches + 1 || static_cast<int64_t>(raw.size()) != n)
+    return ffi::Error::InvalidArgument("the fan-out takes 1 to 5 convolutions, one dilation and raw flag each");
+  if (static_cast<int64_t>(args.size()) != 3 * n || static_cast<int64_t>(rets.size()) != 3 * n)
+    return ffi::Error::InvalidArgument("the fan-out takes 3 buffers and returns 3 per convolution");
+  if (a.dimensions().size() != 1 || a.dimensions()[0] != C || b.dimensions().size() != 1 || b.dimensions()[0] != C)
+    return ffi::Error::InvalidArgument("prologue scale and shift must have shape (C,)");
+  crnet_dw::FanoutParams p;
+  p.pre = preact ? crnet_dw::Prologue{a.typed_data(), b.typed_data(), slope} : crnet_dw::Prologue{};
+  p.n = static_cast<int>(n);
+  p.C = C;
+  double work = 0;
+  std::vector<float*> outs(n), sums(n), sumsqs(n);
+  for (int64_t i = 0; i < n; ++i) {
+    auto wdw = args.get<ffi::Buffer<ffi::F32>>(3 * i);
+    auto wpw = args.get<ffi::Buffer<ffi::F32>>(3 * i + 1);
+    auto bias = args.get<ffi::Buffer<ffi::F32>>(3 * i + 2);
+    if (!wdw.has_value()) return wdw.error();
+    if (!wpw.has_value()) return wpw.error();
+    if (!bias.has_value()) return bias.error();
+    const auto wd = wdw->dimensions(), pd = wpw->dimensions(), bd = bias->dimensions();
+    if (pd.size() != 2 || pd[0] != C || bd.size() != 1 || bd[0] != pd[1])
+      return ffi::Error::InvalidArgument("convolution " + std::to_string(i) + ": wpw must be (C, Co), bias (Co,)");
+    crnet_dw::FanoutConv& cv = p.conv[i];
+    cv.Co = pd[1];
+    cv.wpw = wpw->typed_data();
+    cv.bias = bias->typed_data();
+    if (!raw[i]) {
+      if (wd.size() != 3 || wd[0] != wd[1] || wd[2] != C || wd[0] % 2 == 0 || wd[0] > 15)
+        return ffi::Error::InvalidArgument("convolution " + std::to_string(i) + ": wdw must be (k, k, C), k odd <= 15");
+      if (dilations[i] < 1) return ffi::Error::InvalidArgument("dilation must be >= 1");
+      cv.wdw = wdw->typed_data();
+      cv.k = wd[0];
+      cv.d = dilations[i];
+    }
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(3 * i);
+    auto s1 = rets.get<ffi::Buffer<ffi::F32>>(3 * i + 1);
+    auto s2 = rets.get<ffi::Buffer<ffi::F32>>(3 * i + 2);
+    if (!y.has_value()) return y.error();
+    if (!s1.has_value()) return s1.error();
+    if (!s2.has_value()) return s2.error();
+    const auto yd = (*y)->dimensions();
+    if (yd.size() != 4 || yd[0] != N || yd[1] != H || yd[2] != W || yd[3] != cv.Co ||
+        (*s1)->dimensions().size() != 1 || (*s1)->dimensions()[0] != cv.Co ||
+        (*s2)->dimensions().size() != 1 || (*s2)->dimensions()[0] != cv.Co)
+      return ffi::Error::InvalidArgument("convolution " + std::to_string(i) + ": results must be (N, H, W, Co), (Co,), (Co,)");
+    outs[i] = (*y)->typed_data();
+    sums[i] = (*s1)->typed_data();
+    sumsqs[i] = (*s2)->typed_data();
+    cv.nt = use_streaming(outs[i], N * H * W * cv.Co, cv.Co);
+    work += double(N) * H * W * C * (cv.k * cv.k + cv.Co);
+  }
+  static const int64_t budget = 1024 * 256;  // floats: ~1 MB of the 2 MB L2
+  int64_t ws = W;
+  for (int64_t strips = 1; ws > 16 && crnet_dw::fanout_scratch_floats(p, ws) > budget;) ws = (W + ++strips - 1) / strips;
+  const int64_t strips = (W + ws - 1) / ws;
+  const Plan pl = make_plan(pool, isa, threads, N, H, work, 8);
+  const int64_t units = N * pl.bands * strips;
+  // Per-unit partial moments, reduced in unit order (the decomposition depends on the
+  // shapes alone, so the sums do not depend on the thread count).
+  int64_t co_total = 0;
+  std::vector<int64_t> co_off(n);
+  for (int64_t i = 0; i < n; ++i) {
+    co_off[i] = co_total;
+    co_total += p.conv[i].Co;
+  }
+  std::vector<float> part(static_cast<size_t>(2 * units * co_total), 0.f);
+  float* pp = part.data();
+  const float* xp = x.typed_data();
+  const crnet_dw::FanoutParams base = p;
+  const std::vector<float*> outs_ = outs;
+  const std::vector<int64_t> co_off_ = co_off;
+  parallel_for(pool, pl.threads, units, [&](int64_t unit) {
+    const int64_t img = unit / (pl.bands * strips), rest = unit % (pl.bands * strips);
+    const int64_t bnd = rest / strips, s = rest % strips;
+    crnet_dw::FanoutParams up = base;
+    bool nt = false;
+    for (int64_t i = 0; i < n; ++i) {
+      crnet_dw::FanoutConv& cv = up.conv[i];
+      cv.out = outs_[i] + img * H * W * cv.Co;
+      cv.sum = pp + unit * 2 * co_total + co_off_[i];
+      cv.sumsq = cv.sum + co_total;
+      nt = nt || cv.nt;
+    }
+    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    const int64_t jb = s * ws, je = std::min(W, jb + ws);
+    crnet_dw::fanout_fwd_unit(pl.isa, xp + img * H * W * C, up, H, W, i0, i1, jb, je);
+    if (nt) crnet_dw::sfence();
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t Co = p.conv[i].Co;
+    std::fill(sums[i], sums[i] + Co, 0.f);
+    std::fill(sumsqs[i], sumsqs[i] + Co, 0.f);
+    for (int64_t u = 0; u < units; ++u) {
+      const float* q = pp + u * 2 * co_total + co_off[i];
+      for (int64_t o = 0; o < Co; ++o) {
+        sums[i][o] += q[o];
+        sumsqs[i][o] += q[co_total + o];
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define CRNET_ATTRS .Attr<int64_t>("dilation").Attr<int64_t>("isa").Attr<int64_t>("threads")
@@ -737,6 +858,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetBlockInfer, BlockInferImpl,
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetFanoutFwdStats, FanoutFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x (N, H, W, C)
+                                  .Arg<F32Buf>()  // a (C)
+                                  .Arg<F32Buf>()  // b (C)
+                                  .RemainingArgs()  // wdw, wpw, bias per convolution
+                                  .RemainingRets()  // y, sum, sumsq per convolution
+                                  .Attr<ffi::Span<const int64_t>>("dilations")
+                                  .Attr<ffi::Span<const int64_t>>("raw")
+                                  .Attr<int64_t>("preact")
+                                  .Attr<float>("slope")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
 // ------------------------------------------------------------------------------------
 // Python module: registrations() -> {target name: PyCapsule}, abi_version() -> int,
 // source_digest() -> str, best_isa() -> int.
@@ -758,7 +894,8 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
       !add("crnet_separable_fwd_into", reinterpret_cast<void*>(CrnetSeparableFwdInto)) ||
       !add("crnet_separable_fwd_stats", reinterpret_cast<void*>(CrnetSeparableFwdStats)) ||
       !add("crnet_separable_bwd_acc", reinterpret_cast<void*>(CrnetSeparableBwdAcc)) ||
-      !add("crnet_block_infer", reinterpret_cast<void*>(CrnetBlockInfer))) {
+      !add("crnet_block_infer", reinterpret_cast<void*>(CrnetBlockInfer)) ||
+      !add("crnet_fanout_fwd_stats", reinterpret_cast<void*>(CrnetFanoutFwdStats))) {
     Py_DECREF(d);
     return nullptr;
   }
@@ -768,7 +905,7 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
 // Version of the targets' calling convention (operands, results, attributes). Raise it
 // with every change to them, together with ABI_VERSION in crnet_jax/_ffi.py, so that an
 // extension left over from an older build is refused instead of called wrongly.
-static constexpr long kAbiVersion = 3;
+static constexpr long kAbiVersion = 4;
 
 static PyObject* py_abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
 

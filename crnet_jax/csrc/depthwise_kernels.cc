@@ -77,6 +77,11 @@ void block_fwd_unit(int isa, const float* x, const BlockParams& p, float* out, i
   CRNET_ISA_CALL(block_fwd_unit, x, p, out, H, W, i0, i1, jb, je, nt);
 }
 
+void fanout_fwd_unit(int isa, const float* x, const FanoutParams& p, int64_t H, int64_t W,
+                     int64_t i0, int64_t i1, int64_t jb, int64_t je) {
+  CRNET_ISA_CALL(fanout_fwd_unit, x, p, H, W, i0, i1, jb, je);
+}
+
 void sfence() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_sfence();

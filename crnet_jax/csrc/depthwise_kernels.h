@@ -125,6 +125,45 @@ inline int64_t block_scratch_floats(const BlockParams& p, int64_t ws) {
 void block_fwd_unit(int isa, const float* x, const BlockParams& p, float* out, int64_t H,
                     int64_t W, int64_t i0, int64_t i1, int64_t jb, int64_t je, bool nt);
 
+// Several convolutions of one input in one pass over it, each output with its BatchNorm
+// moments (training's fan-out of a residual block): separable convolutions of x0 = x or
+// its prologue (the branches' first convolutions) and 1 x 1 convolutions of the raw x
+// (wdw == nullptr: the block's shortcut). Rows of x0 stream through a ring of 2R + 1 rows
+// (R the widest reach) in column strips, so x is read once for all of them.
+struct FanoutConv {
+  const float* wdw = nullptr;  // (k, k, C); nullptr: a 1 x 1 convolution of the raw x
+  const float* wpw = nullptr;  // (C, Co)
+  const float* bias = nullptr; // (Co)
+  int64_t k = 1, d = 1, Co = 0;
+  float* out = nullptr;        // (H, W, Co) of the image
+  float* sum = nullptr;        // (Co) += sums over the unit of out
+  float* sumsq = nullptr;      // (Co) += sums over the unit of out^2
+  bool nt = false;             // non-temporal stores (out 64-byte aligned, Co % 16 == 0)
+};
+struct FanoutParams {
+  Prologue pre;
+  int n = 0;
+  FanoutConv conv[kMaxBranches + 1];
+  int64_t C = 0;
+};
+
+inline int64_t fanout_reach(const FanoutParams& p) {
+  int64_t R = 0;
+  for (int i = 0; i < p.n; ++i)
+    if (p.conv[i].wdw) R = R > (p.conv[i].k / 2) * p.conv[i].d ? R : (p.conv[i].k / 2) * p.conv[i].d;
+  return R;
+}
+
+// Floats of scratch fanout_fwd_unit needs for a strip of `ws` columns.
+inline int64_t fanout_scratch_floats(const FanoutParams& p, int64_t ws) {
+  const int64_t R = fanout_reach(p);
+  return ((2 * R + 1) * (ws + 2 * R) * p.C + 15) / 16 * 16 + (ws * p.C + 15) / 16 * 16 + 32;
+}
+
+// The fan-out on output rows [i0, i1) x columns [jb, je) of one image x (H, W, C).
+void fanout_fwd_unit(int isa, const float* x, const FanoutParams& p, int64_t H, int64_t W,
+                     int64_t i0, int64_t i1, int64_t jb, int64_t je);
+
 // Store fence after non-temporal stores (no-op where not needed).
 void sfence();
 

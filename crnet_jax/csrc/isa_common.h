@@ -33,4 +33,6 @@
                     int64_t, bool);                                                          \
   void block_fwd_unit(const float*, const BlockParams&, float*, int64_t, int64_t, int64_t,  \
                       int64_t, int64_t, int64_t, bool);                                      \
+  void fanout_fwd_unit(const float*, const FanoutParams&, int64_t, int64_t, int64_t,         \
+                       int64_t, int64_t, int64_t);                                           \
   }
