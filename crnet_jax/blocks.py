@@ -177,8 +177,9 @@ class ResidualBlock(nnx.Module):
         folded into the 1x1 kernel and the bias is left for the caller to add (the branches'
         kernels add it with their own), so the shortcut is one matrix product and no
         elementwise pass over the (B, H, W, 3 * filters) tensor. In training the batch
-        moments come with the convolution (`PointwiseConv.with_moments`: summed by the C++
-        kernel as it writes, its backward one pass) and the BatchNorm is one scale-shift."""
+        moments come with the convolution, summed by the C++ kernel as it writes: from the
+        branches' fan-out (`computed` = (y, mean, mean_sq)), else from
+        `PointwiseConv.with_moments`; the BatchNorm is one scale-shift."""
         if not self.shortcut_bn.use_running_average:
             # computed: (y, mean, mean_sq) from the branches' fan-out
             y, mean, mean_sq = computed if computed is not None else self.shortcut_conv.with_moments(x, self.impl)

@@ -13,9 +13,11 @@ reads back its 16-channel middle, and adds its output into the 48-channel result
 1.7 kB of memory traffic per pixel per block at Res-CR-Net's widths. The fused kernel
 streams each image through row rings held in the L2 cache (the pre-activated input,
 2R + 1 rows with R the widest reach (k / 2) d, and each branch's activated middle) in
-column strips, so per pixel it reads x twice (the branches' ring and the shortcut) and
-writes out once: about 0.6 kB. The first convolutions recompute their outputs on the
-strip halos (a few percent more arithmetic) to get there.
+column strips, and writes out once per pixel. Each strip reads its columns plus a halo
+of 2R on both sides into the ring, and the shortcut reads the row again: at 300 x 340
+(4 strips of 85 columns, R = 15) x is read about 2.7 times per pixel, about 0.7 kB of
+traffic in all. The first convolutions recompute their outputs on the strip halos: +35%
+for the 7 x 7, d5 branch's, about 13% more arithmetic for the block.
 
 Values equal the layer-by-layer computation up to float32 rounding order. Gradients (for
 saliency maps and the like on an eval-mode model) go through the layer-by-layer FFI

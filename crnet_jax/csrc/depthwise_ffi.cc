@@ -508,15 +508,22 @@ ffi::Error SepBwdAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
 // Strip width of the fused block: the widest strip (of ceil(W / strips) columns) whose
 // scratch stays within CRNET_BLOCK_SCRATCH_KB (default 1280, in the 2 MB L2 of the
 // machines measured; the rest is left to the input and output rows streaming through).
+// The widest strip of ceil(W / strips) columns whose scratch(ws) floats fit `budget` (or
+// 16 columns and less, whatever it takes).
+template <class F>
+int64_t widest_strip(int64_t W, int64_t budget, F&& scratch) {
+  for (int64_t strips = 1;; ++strips) {
+    const int64_t ws = (W + strips - 1) / strips;
+    if (ws <= 16 || scratch(ws) <= budget) return ws;
+  }
+}
+
 int64_t block_strip_width(const crnet_dw::BlockParams& p, int64_t W) {
   static const int64_t budget = [] {
     const char* s = std::getenv("CRNET_BLOCK_SCRATCH_KB");
     return (s ? std::max<int64_t>(64, std::atoll(s)) : int64_t{1280}) * 256;  // floats
   }();
-  for (int64_t strips = 1;; ++strips) {
-    const int64_t ws = (W + strips - 1) / strips;
-    if (ws <= 16 || crnet_dw::block_scratch_floats(p, ws) <= budget) return ws;
-  }
+  return widest_strip(W, budget, [&](int64_t ws) { return crnet_dw::block_scratch_floats(p, ws); });
 }
 
 // Fused residual block for inference (crnet_dw::BlockParams):
@@ -689,9 +696,8 @@ ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
     cv.nt = use_streaming(outs[i], N * H * W * cv.Co, cv.Co);
     work += double(N) * H * W * C * (cv.k * cv.k + cv.Co);
   }
-  static const int64_t budget = 1024 * 256;  // floats: ~1 MB of the 2 MB L2
-  int64_t ws = W;
-  for (int64_t strips = 1; ws > 16 && crnet_dw::fanout_scratch_floats(p, ws) > budget;) ws = (W + ++strips - 1) / strips;
+  const int64_t budget = 1024 * 256;  // floats: ~1 MB of the 2 MB L2
+  const int64_t ws = widest_strip(W, budget, [&](int64_t w) { return crnet_dw::fanout_scratch_floats(p, w); });
   const int64_t strips = (W + ws - 1) / ws;
   const Plan pl = make_plan(pool, isa, threads, N, H, work, 8);
   const int64_t units = N * pl.bands * strips;
@@ -706,18 +712,15 @@ ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   std::vector<float> part(static_cast<size_t>(2 * units * co_total), 0.f);
   float* pp = part.data();
   const float* xp = x.typed_data();
-  const crnet_dw::FanoutParams base = p;
-  const std::vector<float*> outs_ = outs;
-  const std::vector<int64_t> co_off_ = co_off;
   parallel_for(pool, pl.threads, units, [&](int64_t unit) {
     const int64_t img = unit / (pl.bands * strips), rest = unit % (pl.bands * strips);
     const int64_t bnd = rest / strips, s = rest % strips;
-    crnet_dw::FanoutParams up = base;
+    crnet_dw::FanoutParams up = p;
     bool nt = false;
     for (int64_t i = 0; i < n; ++i) {
       crnet_dw::FanoutConv& cv = up.conv[i];
-      cv.out = outs_[i] + img * H * W * cv.Co;
-      cv.sum = pp + unit * 2 * co_total + co_off_[i];
+      cv.out = outs[i] + img * H * W * cv.Co;
+      cv.sum = pp + unit * 2 * co_total + co_off[i];
       cv.sumsq = cv.sum + co_total;
       nt = nt || cv.nt;
     }
@@ -726,17 +729,12 @@ ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
     crnet_dw::fanout_fwd_unit(pl.isa, xp + img * H * W * C, up, H, W, i0, i1, jb, je);
     if (nt) crnet_dw::sfence();
   });
+  std::vector<float> total(static_cast<size_t>(2 * co_total));
+  reduce_partials(pp, units, 2 * co_total, 1, total.data());
   for (int64_t i = 0; i < n; ++i) {
     const int64_t Co = p.conv[i].Co;
-    std::fill(sums[i], sums[i] + Co, 0.f);
-    std::fill(sumsqs[i], sumsqs[i] + Co, 0.f);
-    for (int64_t u = 0; u < units; ++u) {
-      const float* q = pp + u * 2 * co_total + co_off[i];
-      for (int64_t o = 0; o < Co; ++o) {
-        sums[i][o] += q[o];
-        sumsqs[i][o] += q[co_total + o];
-      }
-    }
+    std::copy(total.begin() + co_off[i], total.begin() + co_off[i] + Co, sums[i]);
+    std::copy(total.begin() + co_total + co_off[i], total.begin() + co_total + co_off[i] + Co, sumsqs[i]);
   }
   return ffi::Error::Success();
 }
