@@ -87,7 +87,8 @@ def run_json_subprocess(argv: list[str], python: str | None = None, timeout: flo
     cmd = [python or sys.executable, *argv]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # Transparent huge pages for malloc: fresh 100+ MB buffers otherwise cost ~40k page faults each.
-    # Set for every measured process alike, ours and the peer.
+    # Set for every measured process alike, ours and the peer (crnet_jax's command-line entry
+    # points set it themselves: crnet_jax.host_memory).
     env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
