@@ -18,12 +18,14 @@ def parse_size(s: str) -> tuple[int, int]:
 
 
 def add_grid_arguments(p: argparse.ArgumentParser, *, sizes: str, batches: str, impls: str = "auto",
-                       dtypes: str = "float32", remat: str = "on") -> None:
+                       dtypes: str = "float32", remat: str = "branches") -> None:
     p.add_argument("--sizes", default=sizes, help="comma-separated HxW (e.g. 256x256,300x340)")
     p.add_argument("--batches", default=batches, help="comma-separated batch sizes")
     p.add_argument("--dtypes", default=dtypes, help="compute dtypes: float32,bfloat16")
     p.add_argument("--impls", default=impls, help="depthwise implementations: auto,ffi,shift,xla")
-    p.add_argument("--remat", default=remat, choices=["off", "on", "both"], help="block rematerialisation (default on, as ModelConfig)")
+    p.add_argument("--remat", default=remat, choices=["off", "on", "branches", "both", "all"],
+                   help="block rematerialisation: off, on (block input kept), branches (its branches' first "
+                        "convolutions kept too; the ModelConfig default), both (off and on), all three")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the Keras peer (benchmarks/peers) on each size/batch (default on; --no-peer)")
@@ -44,7 +46,8 @@ def run_grid(args, mode: str, title: str, notes: str = "") -> list[dict[str, Any
         args.sizes, args.batches, args.steps, args.warmup = "32x40", "2", 1, 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+    remats = {"off": [False], "on": [True], "branches": ["branches"], "both": [False, True],
+              "all": [False, True, "branches"]}[args.remat]
     peer_py = _peer_python(args) if args.peer else None
     rows, results = [], []
     for (h, w), b in itertools.product(sizes, batches):
@@ -70,13 +73,17 @@ def run_grid(args, mode: str, title: str, notes: str = "") -> list[dict[str, Any
             r = run_json_subprocess(["-m", "benchmarks.worker", json.dumps(spec)])
             r.setdefault("impl_resolved", impl)
             results.append(r)
-            rows.append(_row(r, "crnet_jax", h, w, b, dtype, r.get("impl_resolved", impl), "on" if remat else "off", peer))
+            rows.append(_row(r, "crnet_jax", h, w, b, dtype, r.get("impl_resolved", impl), _remat_label(remat), peer))
             print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(HEADERS, rows)
     print(table)
     if not args.no_record and not args.smoke:
         append_results(title, table, notes)
     return results
+
+
+def _remat_label(remat) -> str:
+    return remat if isinstance(remat, str) else ("on" if remat else "off")
 
 
 HEADERS = ["impl", "H x W", "batch", "dtype", "depthwise", "remat", "median s/step", "images/s",

@@ -106,19 +106,35 @@ class ResidualBlock(nnx.Module):
         shortcut's output (reading its slice of the output gradient in the backward)."""
         if self._fusable(x):
             return self._fused(x)
+        # In training the shortcut's 1 x 1 convolution (with its moments) joins the fan-out:
+        # one pass over x for all four convolutions.
+        joint = self._training() and not self.shortcut_bn.use_running_average
+        hs = self.first_convolutions(x, with_shortcut=joint)
+        return self.finish(x, hs[:-1], hs[-1]) if joint else self.finish(x, hs)
+
+    def _training(self) -> bool:
+        return not all(branch.bn.use_running_average for branch in self.branches)
+
+    def first_convolutions(self, x: jax.Array, with_shortcut: bool = False) -> list:
+        """The branches' first convolutions of x (of LeakyReLU(pre_bn(x)) in a CONV RES block),
+        one fan-out: [h (B, H, W, filters)] per branch, in training [(h, mean, mean_sq)] with
+        h's float32 batch moments (filters,), summed by the kernels as they write h.
+        with_shortcut: the shortcut's 1 x 1 convolution of the raw x joins the fan-out (one
+        pass over x for all of them) as the last item, (y, mean, mean_sq)."""
         prologue = None
         if self.pre_bn is not None:  # x0 = LeakyReLU(pre_bn(x)), folded into each branch's conv1
             scale, shift = batch_norm_scale_shift(self.pre_bn, x)
             prologue = (scale, shift, self.slope)
-        # In training the first convolutions also return their outputs' batch moments, summed
-        # by the kernels as they write them, for the branches' BatchNorms.
-        training = not all(branch.bn.use_running_average for branch in self.branches)
-        # In training the shortcut's 1 x 1 convolution (with its moments) joins the fan-out:
-        # one pass over x for all four convolutions.
-        joint = training and not self.shortcut_bn.use_running_average
-        hs = separable_fanout([branch.conv1 for branch in self.branches], x, prologue, moments=training,
-                              shortcut=self.shortcut_conv if joint else None)
-        out, bias = self._shortcut(x, hs.pop() if joint else None)
+        return separable_fanout([branch.conv1 for branch in self.branches], x, prologue, moments=self._training(),
+                                shortcut=self.shortcut_conv if with_shortcut else None)
+
+    def finish(self, x: jax.Array, hs: list, shortcut: tuple[jax.Array, jax.Array, jax.Array] | None = None
+               ) -> jax.Array:
+        """The block's output from x and `first_convolutions(x)`: the shortcut (from
+        `shortcut`, the fan-out's (y, mean, mean_sq), when given) plus each branch's rest
+        (BN -> LeakyReLU -> second convolution) added into its channel slice."""
+        out, bias = self._shortcut(x, shortcut)
+        training = self._training()
         offset = 0
         for branch, h in zip(self.branches, hs):
             h, moments = (h[0], h[1:]) if training else (h, None)

@@ -24,11 +24,15 @@ class ModelConfig:
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay in param_dtype.
       param_dtype: parameter dtype.
       depthwise_impl: depthwise convolution implementation ("auto" picks the fastest).
-      remat: keep only each block's input for the backward pass and recompute its activations
-        there (`model.recompute_in_backward`); training mode only. On by default: at
-        300 x 340 x 8 on the 2-core CPU it cuts the training step's compiled memory from 5.1 to
-        1.6 GiB (peak RSS 5.8 to 2.3 GiB) for 6-9% more time per step (5.80 against 5.44 s
-        in one invocation; benchmarks/RESULTS.md, "third pass").
+      remat: what a residual block keeps for the backward pass (training mode only).
+        "branches" (default): its input and its branches' first-convolution outputs
+        (3 * filters channels); the backward recomputes the shortcut and the BatchNorm ->
+        second-convolution halves of the branches, which cost little. True: only its input;
+        the backward recomputes the whole block (`model.recompute_in_backward`). False:
+        everything XLA keeps. At 300 x 340 x 8 on the 2-core CPU (12-02, fresh processes
+        alternating): "branches" 4.43-4.45 s per step, 2.93 GiB compiled (peak RSS 3.6 GiB);
+        True 4.87-4.92 s, 1.37 GiB (2.0 GiB); False 4.6 s, 3.66 GiB (4.3 GiB)
+        (benchmarks/RESULTS.md, "sixth pass"). LSTM RES blocks treat "branches" as True.
       fused_inference: in inference mode, run each residual block (STEM, CONV RES) as one
         C++ kernel
         (`crnet_jax.fused_block`) when depthwise_impl resolves to "ffi" and dtype is
@@ -49,7 +53,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     depthwise_impl: str = "auto"
-    remat: bool = True
+    remat: bool | str = "branches"
     fused_inference: bool = True
 
     def __post_init__(self) -> None:
@@ -57,6 +61,8 @@ class ModelConfig:
             raise ValueError(f"kernel_sizes {self.kernel_sizes} and dilations {self.dilations} differ in length")
         if any(k % 2 == 0 for k in self.kernel_sizes):
             raise ValueError(f"kernel sizes must be odd for 'same' padding, got {self.kernel_sizes}")
+        if self.remat not in (True, False, "branches"):
+            raise ValueError(f"remat must be true, false or 'branches', got {self.remat!r}")
         if self.num_conv_res < 1 and self.num_lstm_res < 1:
             raise ValueError("a Res-CR-Net needs at least one CONV RES or LSTM RES block after the STEM")
         # tuples survive JSON round trips as lists: normalise.

@@ -111,13 +111,26 @@ def _in_training(block: nnx.Module) -> bool:
     return False
 
 
-def _apply(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
+def _apply(block: nnx.Module, x: jax.Array, remat: bool | str) -> jax.Array:
     """Call a block; with remat (training mode only) only its input is kept for the backward pass, which recomputes
     the block's activations (`recompute_in_backward` over the block as a pure function of its
     state; the updated non-parameter state, BatchNorm statistics and RNG counts, is written
-    back to the module afterwards)."""
+    back to the module afterwards). remat "branches" (residual blocks; others as True): the
+    branches' first convolutions run normally, their outputs kept, and only the rest of the
+    block (shortcut, second convolutions) is recomputed."""
     if not remat or not _in_training(block):
         return block(x)
+    if remat == "branches" and isinstance(block, ResidualBlock):
+        hs = block.first_convolutions(x)
+        graphdef, state = nnx.split(block)
+
+        def finish(state, x, hs):
+            b = nnx.merge(graphdef, state, copy=True)
+            return b.finish(x, hs), nnx.state(b, nnx.Not(nnx.Param))
+
+        y, new_state = recompute_in_backward(finish, state, x, hs)
+        nnx.update(block, new_state)
+        return y
     graphdef, state = nnx.split(block)
 
     def pure(state, x):

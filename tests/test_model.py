@@ -183,12 +183,14 @@ def test_batchnorm_updates_statistics_in_training_only():
     assert np.abs(m1 - m0).max() > 0
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_remat_gives_same_values_gradients_and_statistics(training):
+@pytest.mark.parametrize("training, dropout", [(False, 0.0), (True, 0.0), (True, 0.3)])
+def test_remat_gives_same_values_gradients_and_statistics(training, dropout):
+    """remat True (block input kept) and "branches" (the branches' first convolutions kept
+    too) against no remat: same loss, gradients and BatchNorm statistics, dropout on or off."""
     x = jax.random.uniform(jax.random.key(1), (2, 16, 20, 1))
     results = []
-    for remat in (False, True):
-        model = ResCRNet(lung_config(num_conv_res=2, remat=remat, dropout_rate=0.0), rngs=nnx.Rngs(0))
+    for remat in (False, True, "branches"):
+        model = ResCRNet(lung_config(num_conv_res=2, remat=remat, dropout_rate=dropout), rngs=nnx.Rngs(0))
         model.train() if training else model.eval()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -198,6 +200,7 @@ def test_remat_gives_same_values_gradients_and_statistics(training):
 
         results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest))
     chex.assert_trees_all_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close(results[0], results[2], atol=1e-6, rtol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():

@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from crnet_jax.config import lung_config
@@ -38,12 +39,20 @@ def test_remat_reduces_compiled_temp_memory():
     shape = (2, 32, 32, 1)
     x, y = _batch(shape, 2)
     temp = {}
-    for remat in (False, True):
+    for remat in (False, True, "branches"):
         fn, params, rest = _grad_fn(lung_config(num_conv_res=3, remat=remat))
         compiled = fn.lower(params, rest, x, y).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
     # measured: 8.3 MiB without, 3.4 MiB with (ratio 0.41); jax.checkpoint alone gave 1.0
     assert temp[True] < 0.6 * temp[False], temp
+    # "branches" keeps the branches' first-convolution outputs (as many channels as the
+    # block input) as well: between the two
+    assert temp[True] < temp["branches"] < temp[False], temp
+
+
+def test_remat_config_is_checked():
+    with pytest.raises(ValueError, match="remat"):
+        lung_config(remat="everything")
 
 
 def test_recompute_in_backward_matches_plain_call():
