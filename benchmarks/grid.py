@@ -48,6 +48,8 @@ def run_grid(args, mode: str, title: str, notes: str = "") -> list[dict[str, Any
     batches = [int(b) for b in args.batches.split(",")]
     remats = {"off": [False], "on": [True], "branches": ["branches"], "both": [False, True],
               "all": [False, True, "branches"]}[args.remat]
+    if mode == "infer":  # no backward pass: remat changes nothing
+        remats = remats[:1]
     peer_py = _peer_python(args) if args.peer else None
     rows, results = [], []
     for (h, w), b in itertools.product(sizes, batches):
@@ -73,7 +75,8 @@ def run_grid(args, mode: str, title: str, notes: str = "") -> list[dict[str, Any
             r = run_json_subprocess(["-m", "benchmarks.worker", json.dumps(spec)])
             r.setdefault("impl_resolved", impl)
             results.append(r)
-            rows.append(_row(r, "crnet_jax", h, w, b, dtype, r.get("impl_resolved", impl), _remat_label(remat), peer))
+            rows.append(_row(r, "crnet_jax", h, w, b, dtype, r.get("impl_resolved", impl),
+                             "-" if mode == "infer" else _remat_label(remat), peer))
             print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(HEADERS, rows)
     print(table)
