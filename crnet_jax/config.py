@@ -32,10 +32,10 @@ class ModelConfig:
         everything XLA keeps. At 300 x 340 x 8 on the 2-core CPU (12-02, fresh processes
         alternating, 3 rounds): "branches" 4.50-4.71 s per step, 2.93 GiB compiled (peak RSS
         3.6 GiB); True 4.84-5.05 s, 1.37 GiB (2.0 GiB); False 4.31-4.47 s, 3.66 GiB (4.3 GiB)
-        (benchmarks/RESULTS.md, "sixth pass", before the faster pointwise kernels). LSTM RES blocks treat "branches" as True.
+        (benchmarks/RESULTS.md, "sixth pass", before the faster pointwise kernels). LSTM RES
+        blocks treat "branches" as True.
       fused_inference: in inference mode, run each residual block (STEM, CONV RES) as one
-        C++ kernel
-        (`crnet_jax.fused_block`) when depthwise_impl resolves to "ffi" and dtype is
+        C++ kernel (`crnet_jax.fused_block`) when depthwise_impl resolves to "ffi" and dtype is
         float32; the same values as the layer-by-layer kernels up to rounding order.
     """
 
