@@ -89,7 +89,7 @@ from crnet_jax.model import ResCRNet  # noqa: E402  (after the helper definition
 
 
 def main() -> None:
-    reexec_with_huge_pages()  # as the command-line entry points do (crnet_jax.host_memory)
+    reexec_with_huge_pages("benchmarks.worker")  # as the command-line entry points do (crnet_jax.host_memory)
     spec = {"mode": "train", "height": 300, "width": 340, "batch": 8, "dtype": "float32", "impl": "auto",
             "remat": False, "steps": 5, "warmup": 1}
     spec.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})

@@ -364,7 +364,7 @@ def evaluate_checkpoint(checkpoint: Any, images_dir: str | os.PathLike, truth_di
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line: huge pages for malloc (crnet_jax.host_memory)
-        reexec_with_huge_pages()
+        reexec_with_huge_pages("crnet_jax.evaluate", ("crnet-evaluate",))
     parser = argparse.ArgumentParser(
         prog="python -m crnet_jax.evaluate",
         description="Lung segmentation vs truth masks: per-image Dice, IoU, precision, recall, Hausdorff, HD95, ASSD "

@@ -58,10 +58,23 @@ def tuned_environment(env: Mapping[str, str]) -> dict[str, str] | None:
     return {**env, "GLIBC_TUNABLES": ":".join(kept + list(MALLOC_TUNABLES))}
 
 
-def reexec_with_huge_pages() -> None:
+def _launched_as(module: str, scripts: tuple[str, ...]) -> bool:
+    """Whether this process was started to run `module` (python -m) or one of `scripts`
+    (its console scripts): not a notebook or another program that calls its main()."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name == module:
+        return True
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) in scripts
+
+
+def reexec_with_huge_pages(module: str | None = None, scripts: tuple[str, ...] = ()) -> None:
     """Re-execute this process (same interpreter, options and arguments) with the malloc
     settings, unless `tuned_environment` says there is nothing to do; returns only then.
+    module (and its console `scripts`): do it only when the process was started to run
+    that entry point, never inside a program that merely calls it.
     Call it first thing in a command-line entry point, never from library code."""
+    if module is not None and not _launched_as(module, scripts):
+        return
     env = tuned_environment(os.environ)
     if env is None:
         return
@@ -76,7 +89,7 @@ def reexec_with_huge_pages() -> None:
 
 def main() -> None:
     """`python -m crnet_jax.host_memory`: say whether the settings are active here."""
-    reexec_with_huge_pages()
+    reexec_with_huge_pages("crnet_jax.host_memory")
     state = "active" if is_active() else "not active"
     print(f"malloc settings {state}: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
 

@@ -565,7 +565,7 @@ def preprocess_from_args(args: argparse.Namespace, checkpoint: Any) -> Preproces
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line: huge pages for malloc (crnet_jax.host_memory)
-        reexec_with_huge_pages()
+        reexec_with_huge_pages("crnet_jax.predict", ("crnet-predict",))
     parser = argparse.ArgumentParser(
         prog="python -m crnet_jax.predict",
         description="Segment the lungs on chest films (a file or a folder, recursively): lung masks, overlays, "

@@ -492,7 +492,7 @@ def resolve(args: argparse.Namespace) -> tuple[tc.TrainConfig, pathlib.Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the command line: huge pages for malloc (crnet_jax.host_memory)
-        reexec_with_huge_pages()
+        reexec_with_huge_pages("crnet_jax.train")
     args = parse_args(argv)
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

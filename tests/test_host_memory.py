@@ -84,3 +84,13 @@ def test_huge_pages_cut_page_faults_on_fresh_large_blocks():
     if _thp_mode() == "madvise":
         default = int(_run(["-c", FAULTS], _env(**{hm.OPT_OUT_ENV: "0"})))
         assert default > 3 * 40_000, default
+
+
+@glibc_only
+def test_a_program_calling_an_entry_point_is_not_restarted():
+    """Only a process started to run the entry point restarts: one that imports it and calls
+    the restart with the entry point's name (a notebook calling train.main()) goes on as it is."""
+    code = ("import os; from crnet_jax.host_memory import reexec_with_huge_pages, is_active; "
+            "pid = os.getpid(); reexec_with_huge_pages('crnet_jax.train', ('crnet-train',)); "
+            "print(is_active(), pid == os.getpid())")
+    assert _run(["-c", code], _env()).strip() == "False True"
