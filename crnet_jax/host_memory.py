@@ -8,9 +8,9 @@ touches all of it anew and the kernel faults and zeroes it 4 KiB page by page: m
 359,000 page faults and about 1 s of system CPU time per 5.5 s step on the 2-core machine.
 With glibc.malloc.hugetlb=1 glibc asks for transparent huge pages (madvise) on the blocks it
 maps: 2 MiB pages, about 930 faults and 0.3 s of system time per step, fewer TLB misses,
-and steps of 4.92 s instead of 5.49 s (benchmarks/RESULTS.md, "sixth pass"). Keeping the
-freed blocks instead (glibc.malloc.mmap_max=0, a high trim threshold, one arena: no faults
-at all) measured slower, 5.0-5.1 s: the heap stays on 4 KiB pages.
+and steps of 5.07-5.19 s instead of 5.71-5.83 s (benchmarks/RESULTS.md, "sixth pass").
+Keeping the freed blocks instead (glibc.malloc.mmap_max=0, a high trim threshold, one
+arena: no faults at all) measured slower: the heap stays on 4 KiB pages.
 
 It takes effect where the system's transparent huge pages are "madvise" or "always"
 (/sys/kernel/mm/transparent_hugepage/enabled); under "never" it changes nothing. glibc reads
@@ -78,7 +78,7 @@ def reexec_with_huge_pages(module: str | None = None, scripts: tuple[str, ...] =
     env = tuned_environment(os.environ)
     if env is None:
         return
-    argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
+    argv = sys.orig_argv  # the interpreter's own options included (Python 3.10+)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

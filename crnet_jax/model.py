@@ -122,22 +122,20 @@ def _apply(block: nnx.Module, x: jax.Array, remat: bool | str) -> jax.Array:
         return block(x)
     if remat == "branches" and isinstance(block, ResidualBlock):
         hs = block.first_convolutions(x)
-        graphdef, state = nnx.split(block)
+        return _recomputed(block, ResidualBlock.finish, x, hs)
+    return _recomputed(block, lambda b, x: b(x), x)
 
-        def finish(state, x, hs):
-            b = nnx.merge(graphdef, state, copy=True)
-            return b.finish(x, hs), nnx.state(b, nnx.Not(nnx.Param))
 
-        y, new_state = recompute_in_backward(finish, state, x, hs)
-        nnx.update(block, new_state)
-        return y
+def _recomputed(block: nnx.Module, call: Callable[..., jax.Array], *args: Any) -> jax.Array:
+    """`call(block, *args)` under `recompute_in_backward`, over the block as a pure function
+    of its state; the updated non-parameter state is written back to the module."""
     graphdef, state = nnx.split(block)
 
-    def pure(state, x):
+    def pure(state, *args):
         b = nnx.merge(graphdef, state, copy=True)
-        return b(x), nnx.state(b, nnx.Not(nnx.Param))
+        return call(b, *args), nnx.state(b, nnx.Not(nnx.Param))
 
-    y, new_state = recompute_in_backward(pure, state, x)
+    y, new_state = recompute_in_backward(pure, state, *args)
     nnx.update(block, new_state)
     return y
 

@@ -505,9 +505,6 @@ ffi::Error SepBwdAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
                       true, dilation, isa, threads, preact, slope);
 }
 
-// Strip width of the fused block: the widest strip (of ceil(W / strips) columns) whose
-// scratch stays within CRNET_BLOCK_SCRATCH_KB (default 1280, in the 2 MB L2 of the
-// machines measured; the rest is left to the input and output rows streaming through).
 // The widest strip of ceil(W / strips) columns whose scratch(ws) floats fit `budget` (or
 // 16 columns and less, whatever it takes).
 template <class F>
@@ -518,6 +515,9 @@ int64_t widest_strip(int64_t W, int64_t budget, F&& scratch) {
   }
 }
 
+// Strip width of the fused block: the widest strip whose scratch stays within
+// CRNET_BLOCK_SCRATCH_KB (default 1280, in the 2 MB L2 of the machines measured; the rest
+// is left to the input and output rows streaming through).
 int64_t block_strip_width(const crnet_dw::BlockParams& p, int64_t W) {
   static const int64_t budget = [] {
     const char* s = std::getenv("CRNET_BLOCK_SCRATCH_KB");
