@@ -19,11 +19,10 @@ convolutions run as one fan-out from the block input (`separable_conv2d_fanout`)
 training also returns their outputs' batch moments for the branches' BatchNorms.
 
 The shortcut: in inference its BatchNorm is folded into the 1x1 kernel (the bias is added by
-the branches' kernels); in training the 1x1 convolution of the raw x joins the branches'
-fan-out (with the C++ kernels one pass over x computes the three first convolutions of the
-pre-activated x and the shortcut, each with its batch moments; in the backward the
-shortcut's input gradient is added in place to the branches') and its BatchNorm is one
-scale-shift.
+the branches' kernels); in training it is `pointwise_batch_norm`, whose backward reads only
+the block input and the output gradient: the 1 x 1 convolution's output is not kept.
+So in training a block keeps for its backward pass only its input and the branches'
+16-channel first convolutions (needed anyway by the second convolutions' backward).
 
 In inference mode (every BatchNorm at its running statistics) the whole block is one C++
 kernel call where it can be (`crnet_jax.fused_block`, `ModelConfig.fused_inference`): the
@@ -45,7 +44,9 @@ from crnet_jax.layers import (
     batch_norm_scale_shift,
     leaky_relu,
     separable_fanout,
+    update_running_statistics,
 )
+from crnet_jax.pointwise_bn import pointwise_batch_norm
 
 
 def _dtypes(cfg: ModelConfig) -> dict:
@@ -106,11 +107,10 @@ class ResidualBlock(nnx.Module):
         shortcut's output (reading its slice of the output gradient in the backward)."""
         if self._fusable(x):
             return self._fused(x)
-        # In training the shortcut's 1 x 1 convolution (with its moments) joins the fan-out:
-        # one pass over x for all four convolutions.
-        joint = self._training() and not self.shortcut_bn.use_running_average
-        hs = self.first_convolutions(x, with_shortcut=joint)
-        return self.finish(x, hs[:-1], hs[-1]) if joint else self.finish(x, hs)
+        if not self.shortcut_bn.use_running_average:  # training: the shortcut joins the fan-out
+            *hs, shortcut = self.first_convolutions(x, with_shortcut=True)
+            return self.finish(x, hs, shortcut)
+        return self.finish(x, self.first_convolutions(x))
 
     def _training(self) -> bool:
         return not all(branch.bn.use_running_average for branch in self.branches)
@@ -119,19 +119,20 @@ class ResidualBlock(nnx.Module):
         """The branches' first convolutions of x (of LeakyReLU(pre_bn(x)) in a CONV RES block),
         one fan-out: [h (B, H, W, filters)] per branch, in training [(h, mean, mean_sq)] with
         h's float32 batch moments (filters,), summed by the kernels as they write h.
-        with_shortcut: the shortcut's 1 x 1 convolution of the raw x joins the fan-out (one
-        pass over x for all of them) as the last item, (y, mean, mean_sq)."""
+        with_shortcut (training): the shortcut's 1 x 1 convolution of the raw x joins the
+        fan-out (one pass over x for all of them) as the last item, (y, mean, mean_sq),
+        values only: `pointwise_batch_norm` differentiates the shortcut itself."""
         prologue = None
         if self.pre_bn is not None:  # x0 = LeakyReLU(pre_bn(x)), folded into each branch's conv1
             scale, shift = batch_norm_scale_shift(self.pre_bn, x)
             prologue = (scale, shift, self.slope)
         return separable_fanout([branch.conv1 for branch in self.branches], x, prologue, moments=self._training(),
-                                shortcut=self.shortcut_conv if with_shortcut else None)
+                                shortcut=self.shortcut_conv if with_shortcut else None, shortcut_grad=False)
 
     def finish(self, x: jax.Array, hs: list, shortcut: tuple[jax.Array, jax.Array, jax.Array] | None = None
                ) -> jax.Array:
-        """The block's output from x and `first_convolutions(x)`: the shortcut (from
-        `shortcut`, the fan-out's (y, mean, mean_sq), when given) plus each branch's rest
+        """The block's output from x and `first_convolutions(x)`: the shortcut (its
+        convolution's (y, mean, mean_sq) from the fan-out when given) plus each branch's rest
         (BN -> LeakyReLU -> second convolution) added into its channel slice."""
         out, bias = self._shortcut(x, shortcut)
         training = self._training()
@@ -192,16 +193,19 @@ class ResidualBlock(nnx.Module):
         BatchNorm is a fixed affine map, as (x @ folded kernel, folded bias): its scale is
         folded into the 1x1 kernel and the bias is left for the caller to add (the branches'
         kernels add it with their own), so the shortcut is one matrix product and no
-        elementwise pass over the (B, H, W, 3 * filters) tensor. In training the batch
-        moments come with the convolution, summed by the C++ kernel as it writes: from the
-        branches' fan-out (`computed` = (y, mean, mean_sq)), else from
-        `PointwiseConv.with_moments`; the BatchNorm is one scale-shift."""
+        elementwise pass over the (B, H, W, 3 * filters) tensor. In training it is
+        `pointwise_batch_norm`: the moments come with the convolution and the backward
+        reads only x and the output gradient, so the 1 x 1 convolution's output is
+        neither kept for the backward pass nor recomputed in it; `computed`: the
+        convolution and its moments from the fan-out."""
         if not self.shortcut_bn.use_running_average:
-            # computed: (y, mean, mean_sq) from the branches' fan-out
-            y, mean, mean_sq = computed if computed is not None else self.shortcut_conv.with_moments(x, self.impl)
-            scale, shift = batch_norm_scale_shift(self.shortcut_bn, None, (mean, mean_sq))
-            # in float32 like flax's BatchNorm (rounded once, to the compute dtype)
-            return (y.astype(jnp.float32) * scale + shift).astype(y.dtype), None
+            conv, bn = self.shortcut_conv, self.shortcut_bn
+            out, mean, var = pointwise_batch_norm(
+                x.astype(conv.dtype), conv.kernel[...].astype(conv.dtype), conv.bias[...].astype(conv.dtype),
+                bn.scale[...].astype(jnp.float32), bn.bias[...].astype(jnp.float32), bn.epsilon, self.impl,
+                computed)
+            update_running_statistics(bn, mean, var)
+            return out, None
         conv = self.shortcut_conv
         kernel, bias = self._folded_shortcut()
         y = jnp.einsum("bhwc,cd->bhwd", x.astype(conv.dtype), kernel.astype(conv.dtype))

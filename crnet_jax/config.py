@@ -24,16 +24,15 @@ class ModelConfig:
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay in param_dtype.
       param_dtype: parameter dtype.
       depthwise_impl: depthwise convolution implementation ("auto" picks the fastest).
-      remat: what a residual block keeps for the backward pass (training mode only).
-        "branches" (default): its input and its branches' first-convolution outputs
-        (3 * filters channels); the backward recomputes the shortcut and the BatchNorm ->
-        second-convolution halves of the branches, which cost little. True: only its input;
-        the backward recomputes the whole block (`model.recompute_in_backward`). False:
-        everything XLA keeps. At 300 x 340 x 8 on the 2-core CPU (12-02, fresh processes
-        alternating, 3 rounds): "branches" 4.50-4.71 s per step, 2.93 GiB compiled (peak RSS
-        3.6 GiB); True 4.84-5.05 s, 1.37 GiB (2.0 GiB); False 4.31-4.47 s, 3.66 GiB (4.3 GiB)
-        (benchmarks/RESULTS.md, "sixth pass", before the faster pointwise kernels). LSTM RES
-        blocks treat "branches" as True.
+      remat: what a block keeps for the backward pass (training mode only). A residual
+        block in training keeps only its input and its branches' first-convolution outputs
+        (3 * filters channels) whatever this says but True: its shortcut's backward needs
+        nothing else (`crnet_jax.pointwise_bn`) and the branches' second convolutions need
+        exactly those. "branches" (default) and False: that. True: only its input; the
+        backward recomputes the whole block (`model.recompute_in_backward`). LSTM RES blocks
+        treat "branches" as True and False as keeping everything XLA keeps. At 300 x 340 x 8
+        on the 2-core CPU (12-02, benchmarks/RESULTS.md "seventh pass"): "branches" 2.68 GiB
+        compiled (peak RSS 3.3 GiB), True 1.37 GiB (2.0 GiB) at about 8% more time.
       fused_inference: in inference mode, run each residual block (STEM, CONV RES) as one
         C++ kernel (`crnet_jax.fused_block`) when depthwise_impl resolves to "ffi" and dtype is
         float32; the same values as the layer-by-layer kernels up to rounding order.

@@ -661,13 +661,15 @@ def _ffi_sep_into_bwd(d, isa, threads, slope, offset, res, g):
 _ffi_sep_into.defvjp(_ffi_sep_into_fwd, _ffi_sep_into_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
 def _ffi_sep_fanout(x, a, b, weights, shortcut, dilations: tuple[int, ...], isa: int, threads: int,
-                    slope: float | None, moments: bool):
+                    slope: float | None, moments: bool, shortcut_grad: bool = True):
     """-> per convolution y, or (y, mean (Co,), mean of squares (Co,)) with moments: the
     output's BatchNorm moments over (B, H, W), summed in the kernel as it writes y; then,
     with a shortcut (kernel (C, L), bias (L,)), the same for its 1 x 1 convolution of the
-    raw x. One kernel call reads x once for all of them."""
+    raw x. One kernel call reads x once for all of them. shortcut_grad False: the
+    shortcut's outputs are not differentiated (the caller stops their gradient): its
+    output is not kept and the backward skips it."""
     f = jnp.float32
     convs = [tuple(w.astype(f) for w in conv) for conv in weights]
     raw = [0] * len(convs)
@@ -689,13 +691,14 @@ def _ffi_sep_fanout(x, a, b, weights, shortcut, dilations: tuple[int, ...], isa:
     return tuple(outs)
 
 
-def _ffi_sep_fanout_fwd(x, a, b, weights, shortcut, dilations, isa, threads, slope, moments):
-    outs = _ffi_sep_fanout(x, a, b, weights, shortcut, dilations, isa, threads, slope, moments)
-    ys = tuple(o[0] for o in outs) if moments else None
+def _ffi_sep_fanout_fwd(x, a, b, weights, shortcut, dilations, isa, threads, slope, moments, shortcut_grad):
+    outs = _ffi_sep_fanout(x, a, b, weights, shortcut, dilations, isa, threads, slope, moments, shortcut_grad)
+    kept = outs if shortcut_grad else outs[: len(weights)]
+    ys = tuple(o[0] for o in kept) if moments else None
     return outs, (x, a, b, weights, shortcut, ys)
 
 
-def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, moments, res, gs):
+def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, moments, shortcut_grad, res, gs):
     """One input gradient for all the convolutions: the first backward call writes it, the
     others (the shortcut's last) add to it in place, instead of XLA summing separate
     full-size gradients. With moments, their cotangents join each output's:
@@ -724,7 +727,9 @@ def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, moments, res, gs):
         da, db = da + da_i[0], db + db_i[0]
         dweights.append((dwdw[0].astype(wdw.dtype), dwpw[0].astype(wpw.dtype), dbias[0].astype(bias.dtype)))
     dshortcut = None
-    if shortcut is not None:  # a separable call with a 1 x 1 kernel of ones, no prologue
+    if shortcut is not None and not shortcut_grad:
+        dshortcut = (jnp.zeros_like(shortcut[0]), jnp.zeros_like(shortcut[1]))
+    elif shortcut is not None:  # a separable call with a 1 x 1 kernel of ones, no prologue
         one = jnp.ones((1, x.shape[-1]), f)
         ws = (jnp.ones((1, 1, 1, x.shape[-1]), f), shortcut[0].astype(f)[None])
         g = cotangent(len(weights))
@@ -949,6 +954,7 @@ def separable_conv2d_fanout(
     prologue: tuple[jax.Array, jax.Array, float] | None = None,
     moments: bool = False,
     shortcut: tuple[jax.Array, jax.Array] | None = None,
+    shortcut_grad: bool = True,
 ) -> list:
     """Several separable convolutions of the same input (and prologue):
     `[separable_conv2d(x, dw, pw, bias, d, impl, prologue=prologue) for dw, pw, bias, d in convs]`.
@@ -961,6 +967,9 @@ def separable_conv2d_fanout(
     shortcut: (kernel (Cin, L), bias (L,)) of a 1 x 1 convolution of the raw x (without
       the prologue: a residual block's shortcut), computed in the same pass; its result
       (y or (y, mean, mean_sq)) is appended to the list.
+    shortcut_grad: False stops the gradient of the shortcut's result, for a caller that
+      differentiates the shortcut itself (`crnet_jax.pointwise_bn`): the backward then
+      neither keeps nor reads it.
 
     moments: return (y, mean, mean_sq) per convolution instead of y, the mean over (B, H, W)
       of y and of y**2 in float32, shape (Cout,) each (the statistics of a BatchNorm that
@@ -975,9 +984,10 @@ def separable_conv2d_fanout(
         ys = [separable_conv2d(x, dw, pw, b, d, impl, prologue=prologue) for dw, pw, b, d in convs]
         if shortcut is not None:
             ys.append((jnp.einsum("bhwc,cl->bhwl", x, shortcut[0]) + shortcut[1]).astype(x.dtype))
-        if not moments:
-            return ys
-        return [(y, *batch_moments(y)) for y in ys]
+        outs = [(y, *batch_moments(y)) for y in ys] if moments else ys
+        if shortcut is not None and not shortcut_grad:
+            outs[-1] = jax.lax.stop_gradient(outs[-1])
+        return outs
     cin = x.shape[-1]
     _check_prologue(prologue, cin)
     weights, dilations = [], []
@@ -991,6 +1001,8 @@ def separable_conv2d_fanout(
         a, b_, slope = one, one, None
     else:
         a, b_, slope = prologue[0], prologue[1], float(prologue[2])
-    outs = _ffi_sep_fanout(x, a, b_, tuple(weights), None if shortcut is None else tuple(shortcut), tuple(dilations),
-                           _isa_code(None), 0, slope, bool(moments))
-    return list(outs)
+    outs = list(_ffi_sep_fanout(x, a, b_, tuple(weights), None if shortcut is None else tuple(shortcut),
+                                tuple(dilations), _isa_code(None), 0, slope, bool(moments), bool(shortcut_grad)))
+    if shortcut is not None and not shortcut_grad:
+        outs[-1] = jax.lax.stop_gradient(outs[-1])
+    return outs

@@ -104,12 +104,13 @@ class SeparableAtrousConv(nnx.Module):
 
 def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,
                      prologue: tuple[jax.Array, jax.Array, float] | None = None, moments: bool = False,
-                     shortcut: PointwiseConv | None = None) -> list:
+                     shortcut: PointwiseConv | None = None, shortcut_grad: bool = True) -> list:
     """[conv(x, prologue) for conv in convs] (+ [shortcut(x)]: a 1 x 1 convolution of the raw
     x, without the prologue); with the C++ kernels one pass over x computes them all and
     their backward produces one input gradient (see `separable_conv2d_fanout`). moments:
     (y, mean, mean_sq) per convolution, the float32 moments of y over (B, H, W), for the
-    BatchNorm that follows."""
+    BatchNorm that follows. shortcut_grad False: the shortcut's result carries no gradient
+    (for a caller that differentiates it itself)."""
     if len({(conv.impl, conv.dtype) for conv in convs}) == 1 and (
             shortcut is None or jnp.dtype(shortcut.dtype) == jnp.dtype(convs[0].dtype)):
         weights = [conv._weights() for conv in convs]
@@ -117,13 +118,14 @@ def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,
         if shortcut is not None:
             sc = (shortcut.kernel[...].astype(shortcut.dtype), shortcut.bias[...].astype(shortcut.dtype))
         return separable_conv2d_fanout(x.astype(convs[0].dtype), weights, convs[0].impl, prologue=prologue,
-                                       moments=moments, shortcut=sc)
+                                       moments=moments, shortcut=sc, shortcut_grad=shortcut_grad)
     ys = [conv(x, prologue) for conv in convs]
     if shortcut is not None:
         ys.append(shortcut(x))
-    if not moments:
-        return ys
-    return [(y, *batch_moments(y)) for y in ys]
+    outs = [(y, *batch_moments(y)) for y in ys] if moments else ys
+    if shortcut is not None and not shortcut_grad:
+        outs[-1] = jax.lax.stop_gradient(outs[-1])
+    return outs
 
 
 class PointwiseConv(nnx.Module):
@@ -197,11 +199,17 @@ def batch_norm_scale_shift(
             moments = batch_moments(x)
         mean, mean_sq = moments
         var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
-        m = bn.momentum
-        bn.mean[...] = jax.lax.stop_gradient(m * bn.mean[...] + (1 - m) * mean).astype(bn.mean.dtype)
-        bn.var[...] = jax.lax.stop_gradient(m * bn.var[...] + (1 - m) * var).astype(bn.var.dtype)
+        update_running_statistics(bn, mean, var)
     scale = bn.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + bn.epsilon)
     return scale, bn.bias[...].astype(jnp.float32) - mean * scale
+
+
+def update_running_statistics(bn: nnx.BatchNorm, mean: jax.Array, var: jax.Array) -> None:
+    """bn's running mean and variance moved towards a batch's (C,) statistics with the
+    layer's momentum, as flax's BatchNorm does in training (no gradient flows into them)."""
+    m = bn.momentum
+    bn.mean[...] = jax.lax.stop_gradient(m * bn.mean[...] + (1 - m) * mean).astype(bn.mean.dtype)
+    bn.var[...] = jax.lax.stop_gradient(m * bn.var[...] + (1 - m) * var).astype(bn.var.dtype)
 
 
 def spatial_dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:

@@ -115,14 +115,14 @@ def _apply(block: nnx.Module, x: jax.Array, remat: bool | str) -> jax.Array:
     """Call a block; with remat (training mode only) only its input is kept for the backward pass, which recomputes
     the block's activations (`recompute_in_backward` over the block as a pure function of its
     state; the updated non-parameter state, BatchNorm statistics and RNG counts, is written
-    back to the module afterwards). remat "branches" (residual blocks; others as True): the
-    branches' first convolutions run normally, their outputs kept, and only the rest of the
-    block (shortcut, second convolutions) is recomputed."""
+    back to the module afterwards). remat "branches": a residual block runs as it is, since
+    in training it keeps only its input and its branches' first convolutions (its shortcut's
+    backward needs nothing else, `crnet_jax.pointwise_bn`): there is nothing cheap left to
+    recompute; other blocks (LSTM RES) as True."""
     if not remat or not _in_training(block):
         return block(x)
     if remat == "branches" and isinstance(block, ResidualBlock):
-        hs = block.first_convolutions(x)
-        return _recomputed(block, ResidualBlock.finish, x, hs)
+        return block(x)
     return _recomputed(block, lambda b, x: b(x), x)
 
 

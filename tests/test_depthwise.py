@@ -481,6 +481,38 @@ def test_separable_fanout_with_shortcut(impl, case):
         _close(gl, wl, 2e-5, "vmap")
 
 
+@pytest.mark.parametrize("impl", [pytest.param("ffi", marks=needs_ffi), "shift"])
+def test_separable_fanout_shortcut_without_gradient(impl):
+    """shortcut_grad=False (a caller that differentiates the shortcut itself): the same
+    values, the shortcut's results carry no gradient, every other gradient is unchanged,
+    and the backward neither keeps the shortcut's output nor computes its weights' gradient."""
+    b, h, w_, cin, kds, pre = SHORTCUT_CASES[0]
+    keys = np.random.default_rng(29)
+    x = _rand(keys, (b, h, w_, cin))
+    pro = (1.0 + 0.5 * _rand(keys, (cin,)), 0.3 * _rand(keys, (cin,)), 0.1)
+    convs = [(_rand(keys, (k, k, cin)), _rand(keys, (cin, 16)) / np.sqrt(cin), _rand(keys, (16,)), d) for k, d in kds]
+    sc = (_rand(keys, (cin, 40)) / np.sqrt(cin), _rand(keys, (40,)))  # 40 wide: its output is told apart
+    cts = [_rand(keys, (b, h, w_, 16)) for _ in kds] + [_rand(keys, (b, h, w_, 40))]
+
+    def f(x, sc, grad):
+        outs = dw.separable_conv2d_fanout(x, convs, impl, prologue=pro, moments=True, shortcut=sc,
+                                          shortcut_grad=grad)
+        return sum(jnp.sum(y * ct) + jnp.sum(m) + jnp.sum(q) for (y, m, q), ct in zip(outs, cts)), outs
+
+    got, want = jax.jit(lambda x: f(x, sc, False))(x), f(x, sc, True)
+    for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _close(gl, wl, 1e-6, "values")
+    dx, dsc = jax.jit(jax.grad(lambda x, sc: f(x, sc, False)[0], (0, 1)))(x, sc)
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in dsc)
+    # without the shortcut's share: the gradient of the branches' terms alone
+    want_dx = jax.grad(lambda x: sum(jnp.sum(y * ct) + jnp.sum(m) + jnp.sum(q) for (y, m, q), ct in zip(
+        dw.separable_conv2d_fanout(x, convs, "xla", prologue=pro, moments=True), cts)))(x)
+    _close(dx, want_dx, 2e-5, "dx")
+    _, vjp = jax.vjp(lambda x: f(x, sc, False)[0], x)
+    kept = [leaf.shape for leaf in jax.tree.leaves(vjp) if getattr(leaf, "ndim", 0) == 4]
+    assert (b, h, w_, 40) not in kept, f"the shortcut's output is kept: {kept}"
+
+
 @needs_ffi
 def test_separable_fanout_with_shortcut_sharded():
     """Batch-sharded: every device runs the fan-out on its images and the moments' sums are

@@ -43,11 +43,12 @@ def test_remat_reduces_compiled_temp_memory():
         fn, params, rest = _grad_fn(lung_config(num_conv_res=3, remat=remat))
         compiled = fn.lower(params, rest, x, y).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
-    # measured: 8.3 MiB without, 3.4 MiB with (ratio 0.41); jax.checkpoint alone gave 1.0
-    assert temp[True] < 0.6 * temp[False], temp
-    # "branches" keeps the branches' first-convolution outputs (as many channels as the
-    # block input) as well: between the two
-    assert temp[True] < temp["branches"] < temp[False], temp
+    # measured: 4.6 MiB without, 2.8 MiB with (ratio 0.59); jax.checkpoint alone gave 1.0
+    assert temp[True] < 0.65 * temp[False], temp
+    # Without remat a training block keeps only its input and its branches' first
+    # convolutions (the shortcut's backward needs nothing else, crnet_jax.pointwise_bn),
+    # which is what "branches" keeps: residual blocks run the same program
+    assert temp["branches"] == temp[False], temp
 
 
 def test_remat_config_is_checked():

@@ -26,6 +26,11 @@
 //   crnet_fanout_fwd_stats  several convolutions of one input with their moments, one pass
 //                          over it (FanoutFwdImpl): a training block's first convolutions
 //                          and shortcut
+//   crnet_pointwise_bn_sums (x (N,H,W,C), g (N,H,W,L)) -> x^T g (C,L), sum g (L),
+//                          x^T x (C,C), sum x (C): the sums of the backward of a 1 x 1
+//                          convolution followed by a BatchNorm on batch statistics
+//   crnet_pointwise_bn_dx   (g, a (L,C), x, m (C,C), c (C)) -> dx (N,H,W,C) =
+//                          g @ a + x @ m + c: that backward's input gradient
 // The separable targets fuse depthwise + pointwise + bias and, with preact = 1, a
 // prologue x0 = LeakyReLU(a x + b, slope) on their input (a BatchNorm + LeakyReLU); the
 // backward recomputes x0, the depthwise output and dout @ wpw^T on the fly instead of
@@ -739,6 +744,72 @@ ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// The backward of out = BatchNorm(x @ w + bias) on batch statistics, first pass:
+//   x (N,H,W,C), g (N,H,W,L) -> xg (C,L) = x^T g, gs (L) = sum g, xx (C,C) = x^T x,
+//   xs (C) = sum x, over every pixel. Attributes: isa, threads.
+ffi::Error PointwiseBnSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                               ffi::ResultBuffer<ffi::F32> xg, ffi::ResultBuffer<ffi::F32> gs,
+                               ffi::ResultBuffer<ffi::F32> xx, ffi::ResultBuffer<ffi::F32> xs, int64_t isa,
+                               int64_t threads) {
+  const auto xd = x.dimensions(), gd = g.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || !std::equal(xd.begin(), xd.end() - 1, gd.begin()))
+    return ffi::Error::InvalidArgument("x and g must be (N, H, W, C) and (N, H, W, L)");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3], L = gd[3];
+  const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * (C + L), 8);
+  const int64_t units = N * pl.bands;
+  const int64_t width = C * L + L + C * C + C;  // one unit's partial sums
+  std::vector<float> part(static_cast<size_t>(units * width), 0.f);
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  float* pp = part.data();
+  parallel_for(pool, pl.threads, units, [=](int64_t unit) {
+    const int64_t img = unit / pl.bands, bnd = unit % pl.bands;
+    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    if (i1 <= i0) return;
+    float* u = pp + unit * width;
+    const int64_t p0 = (img * H + i0) * W;
+    crnet_dw::pw_bn_sums(pl.isa, xp + p0 * C, gp + p0 * L, (i1 - i0) * W, C, L, u, u + C * L,
+                         u + C * L + L, u + C * L + L + C * C);
+  });
+  std::vector<float> total(static_cast<size_t>(width));
+  reduce_partials(pp, units, width, 1, total.data());
+  std::copy(total.begin(), total.begin() + C * L, xg->typed_data());
+  std::copy(total.begin() + C * L, total.begin() + C * L + L, gs->typed_data());
+  std::copy(total.begin() + C * L + L, total.begin() + C * L + L + C * C, xx->typed_data());
+  std::copy(total.begin() + C * L + L + C * C, total.end(), xs->typed_data());
+  return ffi::Error::Success();
+}
+
+// Second pass: g (N,H,W,L), a (L,C), x (N,H,W,C), m (C,C), c (C) -> dx (N,H,W,C) =
+// g @ a + x @ m + c. Attributes: isa, threads.
+ffi::Error PointwiseBnDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> a,
+                             ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> c,
+                             ffi::ResultBuffer<ffi::F32> dx, int64_t isa, int64_t threads) {
+  const auto xd = x.dimensions(), gd = g.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || !std::equal(xd.begin(), xd.end() - 1, gd.begin()))
+    return ffi::Error::InvalidArgument("x and g must be (N, H, W, C) and (N, H, W, L)");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3], L = gd[3];
+  const auto ad = a.dimensions(), md = m.dimensions(), cd = c.dimensions();
+  if (ad.size() != 2 || ad[0] != L || ad[1] != C || md.size() != 2 || md[0] != C || md[1] != C ||
+      cd.size() != 1 || cd[0] != C)
+    return ffi::Error::InvalidArgument("a, m, c must be (L, C), (C, C), (C,)");
+  const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * (C + L), 8);
+  const float* gp = g.typed_data();
+  const float* xp = x.typed_data();
+  const float* ap = a.typed_data();
+  const float* mp = m.typed_data();
+  const float* cp = c.typed_data();
+  float* dp = dx->typed_data();
+  parallel_for(pool, pl.threads, N * pl.bands, [=](int64_t unit) {
+    const int64_t img = unit / pl.bands, bnd = unit % pl.bands;
+    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    if (i1 <= i0) return;
+    const int64_t p0 = (img * H + i0) * W;
+    crnet_dw::pw_bn_dx(pl.isa, gp + p0 * L, ap, xp + p0 * C, mp, cp, dp + p0 * C, (i1 - i0) * W, C, L);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define CRNET_ATTRS .Attr<int64_t>("dilation").Attr<int64_t>("isa").Attr<int64_t>("threads")
@@ -871,6 +942,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetFanoutFwdStats, FanoutFwdImpl,
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetPointwiseBnSums, PointwiseBnSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x (N, H, W, C)
+                                  .Arg<F32Buf>()  // g (N, H, W, L)
+                                  .Ret<F32Buf>()  // xg (C, L)
+                                  .Ret<F32Buf>()  // gs (L)
+                                  .Ret<F32Buf>()  // xx (C, C)
+                                  .Ret<F32Buf>()  // xs (C)
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetPointwiseBnDx, PointwiseBnDxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // g (N, H, W, L)
+                                  .Arg<F32Buf>()  // a (L, C)
+                                  .Arg<F32Buf>()  // x (N, H, W, C)
+                                  .Arg<F32Buf>()  // m (C, C)
+                                  .Arg<F32Buf>()  // c (C)
+                                  .Ret<F32Buf>()  // dx (N, H, W, C)
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
 // ------------------------------------------------------------------------------------
 // Python module: registrations() -> {target name: PyCapsule}, abi_version() -> int,
 // source_digest() -> str, best_isa() -> int.
@@ -893,7 +988,9 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
       !add("crnet_separable_fwd_stats", reinterpret_cast<void*>(CrnetSeparableFwdStats)) ||
       !add("crnet_separable_bwd_acc", reinterpret_cast<void*>(CrnetSeparableBwdAcc)) ||
       !add("crnet_block_infer", reinterpret_cast<void*>(CrnetBlockInfer)) ||
-      !add("crnet_fanout_fwd_stats", reinterpret_cast<void*>(CrnetFanoutFwdStats))) {
+      !add("crnet_fanout_fwd_stats", reinterpret_cast<void*>(CrnetFanoutFwdStats)) ||
+      !add("crnet_pointwise_bn_sums", reinterpret_cast<void*>(CrnetPointwiseBnSums)) ||
+      !add("crnet_pointwise_bn_dx", reinterpret_cast<void*>(CrnetPointwiseBnDx))) {
     Py_DECREF(d);
     return nullptr;
   }
@@ -903,7 +1000,7 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
 // Version of the targets' calling convention (operands, results, attributes). Raise it
 // with every change to them, together with ABI_VERSION in crnet_jax/_ffi.py, so that an
 // extension left over from an older build is refused instead of called wrongly.
-static constexpr long kAbiVersion = 4;
+static constexpr long kAbiVersion = 5;
 
 static PyObject* py_abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
 

@@ -82,6 +82,16 @@ void fanout_fwd_unit(int isa, const float* x, const FanoutParams& p, int64_t H, 
   CRNET_ISA_CALL(fanout_fwd_unit, x, p, H, W, i0, i1, jb, je);
 }
 
+void pw_bn_sums(int isa, const float* x, const float* g, int64_t n, int64_t C, int64_t L, float* xg,
+                float* gs, float* xx, float* xs) {
+  CRNET_ISA_CALL(pw_bn_sums, x, g, n, C, L, xg, gs, xx, xs);
+}
+
+void pw_bn_dx(int isa, const float* g, const float* a, const float* x, const float* m, const float* c,
+              float* out, int64_t n, int64_t C, int64_t L) {
+  CRNET_ISA_CALL(pw_bn_dx, g, a, x, m, c, out, n, C, L);
+}
+
 void sfence() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_sfence();

@@ -164,6 +164,16 @@ inline int64_t fanout_scratch_floats(const FanoutParams& p, int64_t ws) {
 void fanout_fwd_unit(int isa, const float* x, const FanoutParams& p, int64_t H, int64_t W,
                      int64_t i0, int64_t i1, int64_t jb, int64_t je);
 
+// The backward of out = BatchNorm(x @ w + bias) on batch statistics without the
+// convolution's output (crnet_jax/pointwise_bn.py), over n pixels of rows x (n, C) and
+// g (n, L) (the output gradient), both contiguous. Sums: xg (C, L) += x^T g,
+// gs (L) += sum g, xx (C, C) += x^T x, xs (C) += sum x.
+void pw_bn_sums(int isa, const float* x, const float* g, int64_t n, int64_t C, int64_t L, float* xg,
+                float* gs, float* xx, float* xs);
+// The input gradient: out (n, C) = g @ a (L, C) + x @ m (C, C) + c (C).
+void pw_bn_dx(int isa, const float* g, const float* a, const float* x, const float* m, const float* c,
+              float* out, int64_t n, int64_t C, int64_t L);
+
 // Store fence after non-temporal stores (no-op where not needed).
 void sfence();
 

@@ -35,4 +35,8 @@
                       int64_t, int64_t, int64_t, bool);                                      \
   void fanout_fwd_unit(const float*, const FanoutParams&, int64_t, int64_t, int64_t,         \
                        int64_t, int64_t, int64_t);                                           \
+  void pw_bn_sums(const float*, const float*, int64_t, int64_t, int64_t, float*, float*,     \
+                  float*, float*);                                                           \
+  void pw_bn_dx(const float*, const float*, const float*, const float*, const float*,        \
+                float*, int64_t, int64_t, int64_t);                                          \
   }
