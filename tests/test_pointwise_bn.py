@@ -67,6 +67,19 @@ def test_values_and_gradients_match_autodiff(impl, shape, c, l):
         _close(g, w, 2e-4, what, float(jnp.max(jnp.abs(want[1]))) if what == "dbias" else None)
 
 
+@needs_ffi
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_ffi_other_instruction_sets(isa, monkeypatch):
+    """The kernels compiled for 4 and 8 float lanes per vector (AVX-512 is the default here)."""
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(isa) > order.index(_ffi.best_isa()):
+        pytest.skip(f"this CPU does not run {isa}")
+    monkeypatch.setenv("CRNET_DEPTHWISE_ISA", isa)
+    jax.clear_caches()  # the instruction set is read when a call is traced
+    for case in [((3, 9, 10), 48, 48), ((1, 8, 7), 1, 48), ((3, 5, 6), 5, 7)]:
+        test_values_and_gradients_match_autodiff("ffi", *case)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_backward_keeps_only_x(impl):
     """The point of the op: its VJP holds x and per-channel vectors, never a tensor the size
