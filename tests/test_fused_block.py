@@ -47,8 +47,9 @@ def _block(rng: np.random.Generator, c: int, f: int, kds, prologue: bool):
 
 RES_CR_NET = ((3, 1), (5, 3), (7, 5))
 # (batch, H, W, C, F, branches): odd and even sizes; images smaller than the widest reach
-# (15) in one or both directions; a width that takes several column strips and a height
-# split into row bands for a single image (the default scratch budget); other widths and
+# (15) in one or both directions; a width that takes several column strips (with the
+# default scratch budget where the L2 cache is 2 MB; test_fused_block_narrow_strips forces
+# them) and a height split into row bands for a single image; other widths and
 # kernels than Res-CR-Net's (generic code) and a single branch.
 CASES = [
     (2, 23, 30, 48, 16, RES_CR_NET),
@@ -107,6 +108,21 @@ def test_fused_block_streaming_stores():
     compiled path); CRNET_DEPTHWISE_STREAM_MB=0 sends every output that qualifies (L a
     multiple of 16, 64-byte aligned) through it."""
     env = {**os.environ, "CRNET_DEPTHWISE_STREAM_MB": "0"}
+    test = pathlib.Path(__file__)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "-k", "matches_layers"],
+        cwd=test.parent, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-500:]
+
+
+@pytest.mark.skipif(not _ffi.available(), reason="C++ kernels not built")
+def test_fused_block_narrow_strips():
+    """The column strips' halos, whatever the default budget gives on this machine (one strip
+    at these widths where the L2 cache is small): CRNET_BLOCK_SCRATCH_KB=256 cuts every
+    case that can be cut into strips of a few dozen columns."""
+    env = {**os.environ, "CRNET_BLOCK_SCRATCH_KB": "256"}
     test = pathlib.Path(__file__)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "-k", "matches_layers"],
