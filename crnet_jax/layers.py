@@ -8,7 +8,6 @@ from flax import nnx
 
 from crnet_jax.depthwise import (
     batch_moments,
-    default_implementation,
     separable_conv2d,
     separable_conv2d_fanout,
     separable_conv2d_into,
@@ -147,25 +146,6 @@ class PointwiseConv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y + self.bias[...].astype(self.dtype)
-
-    def with_moments(self, x: jax.Array, impl: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(self(x), mean, mean_sq): the output (B, H, W, Cout) and its float32 moments over
-        (B, H, W), shape (Cout,) each, for the BatchNorm that follows (differentiable).
-
-        With the C++ kernels (impl "ffi", or "auto" where they are the default) this is one
-        separable-convolution call with a 1 x 1 depthwise kernel of ones: the kernel sums
-        the moments as it writes y and its backward forms both gradients in one pass over
-        x and the output gradient, where XLA needs separate reductions, a transposed copy of
-        the output gradient and two matrix products."""
-        impl = default_implementation() if impl == "auto" else impl
-        x = x.astype(self.dtype)
-        kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype)
-        if impl == "ffi":
-            ones = jnp.ones((1, 1, x.shape[-1]), self.dtype)
-            ((y, mean, mean_sq),) = separable_conv2d_fanout(x, [(ones, kernel, bias, 1)], "ffi", moments=True)
-            return y, mean, mean_sq
-        y = self(x)
-        return (y, *batch_moments(y))
 
 
 def batch_norm(features: int, *, momentum: float, epsilon: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
