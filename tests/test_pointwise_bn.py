@@ -93,6 +93,28 @@ def test_backward_keeps_only_x(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_computed_convolution_gives_the_same_values_and_gradients(impl):
+    """computed=(y, E[y], E[y^2]) from the caller (a block's fan-out): the same outputs and
+    the same, whole, gradients; gradients through the given values are ignored."""
+    args, cts = _inputs(17, (2, 7, 6), 48, 48)
+
+    def given(x, kernel, bias, gamma, beta):
+        y = jnp.einsum("...c,cl->...l", x, kernel, precision="highest") + bias
+        moments = (jnp.mean(y, (0, 1, 2)), jnp.mean(y * y, (0, 1, 2)))
+        return pointwise_batch_norm(x, kernel, bias, gamma, beta, 1e-3, impl, computed=(y, *moments))
+
+    plain = lambda *a: pointwise_batch_norm(*a, 1e-3, impl)  # noqa: E731
+    for got, want, what in zip(given(*args), plain(*args), ["out", "mean", "var"]):
+        _close(got, want, 1e-5, what)
+    got = jax.jit(jax.grad(_loss(given, cts), argnums=range(5)))(*args)
+    want = jax.grad(_loss(plain, cts), argnums=range(5))(*args)
+    for g, w, what in zip(got, want, ["dx", "dkernel", "dbias", "dgamma", "dbeta"]):
+        _close(g, w, 2e-4, what, float(jnp.max(jnp.abs(want[1]))) if what == "dbias" else None)
+    with pytest.raises(ValueError, match="computed"):
+        pointwise_batch_norm(*args, 1e-3, impl, computed=(args[0][..., :10], args[2], args[2]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bfloat16(impl):
     """bfloat16 x, kernel and bias (the compute dtype of a bfloat16 model): out in bfloat16,
     moments and gradients within bfloat16 rounding of the float32 reference."""
