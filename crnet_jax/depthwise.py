@@ -946,6 +946,14 @@ def batch_moments(y: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.mean(yf, axes), jnp.mean(jnp.square(yf), axes)
 
 
+def stop_shortcut_gradient(outs: list, stop: bool) -> list:
+    """A fan-out's results with the last one (its shortcut's y or (y, mean, mean_sq)) under
+    stop_gradient when `stop` (shortcut_grad=False)."""
+    if stop:
+        outs[-1] = jax.lax.stop_gradient(outs[-1])
+    return outs
+
+
 def separable_conv2d_fanout(
     x: jax.Array,
     convs: list[tuple[jax.Array, jax.Array, jax.Array | None, int]],
@@ -985,9 +993,7 @@ def separable_conv2d_fanout(
         if shortcut is not None:
             ys.append((jnp.einsum("bhwc,cl->bhwl", x, shortcut[0]) + shortcut[1]).astype(x.dtype))
         outs = [(y, *batch_moments(y)) for y in ys] if moments else ys
-        if shortcut is not None and not shortcut_grad:
-            outs[-1] = jax.lax.stop_gradient(outs[-1])
-        return outs
+        return stop_shortcut_gradient(outs, shortcut is not None and not shortcut_grad)
     cin = x.shape[-1]
     _check_prologue(prologue, cin)
     weights, dilations = [], []
@@ -1001,8 +1007,6 @@ def separable_conv2d_fanout(
         a, b_, slope = one, one, None
     else:
         a, b_, slope = prologue[0], prologue[1], float(prologue[2])
-    outs = list(_ffi_sep_fanout(x, a, b_, tuple(weights), None if shortcut is None else tuple(shortcut),
-                                tuple(dilations), _isa_code(None), 0, slope, bool(moments), bool(shortcut_grad)))
-    if shortcut is not None and not shortcut_grad:
-        outs[-1] = jax.lax.stop_gradient(outs[-1])
-    return outs
+    outs = _ffi_sep_fanout(x, a, b_, tuple(weights), None if shortcut is None else tuple(shortcut), tuple(dilations),
+                           _isa_code(None), 0, slope, bool(moments), bool(shortcut_grad))
+    return stop_shortcut_gradient(list(outs), shortcut is not None and not shortcut_grad)

@@ -11,6 +11,7 @@ from crnet_jax.depthwise import (
     separable_conv2d,
     separable_conv2d_fanout,
     separable_conv2d_into,
+    stop_shortcut_gradient,
 )
 
 
@@ -122,9 +123,7 @@ def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,
     if shortcut is not None:
         ys.append(shortcut(x))
     outs = [(y, *batch_moments(y)) for y in ys] if moments else ys
-    if shortcut is not None and not shortcut_grad:
-        outs[-1] = jax.lax.stop_gradient(outs[-1])
-    return outs
+    return stop_shortcut_gradient(outs, shortcut is not None and not shortcut_grad)
 
 
 class PointwiseConv(nnx.Module):

@@ -123,19 +123,13 @@ def _apply(block: nnx.Module, x: jax.Array, remat: bool | str) -> jax.Array:
         return block(x)
     if remat == "branches" and isinstance(block, ResidualBlock):
         return block(x)
-    return _recomputed(block, lambda b, x: b(x), x)
-
-
-def _recomputed(block: nnx.Module, call: Callable[..., jax.Array], *args: Any) -> jax.Array:
-    """`call(block, *args)` under `recompute_in_backward`, over the block as a pure function
-    of its state; the updated non-parameter state is written back to the module."""
     graphdef, state = nnx.split(block)
 
-    def pure(state, *args):
+    def pure(state, x):
         b = nnx.merge(graphdef, state, copy=True)
-        return call(b, *args), nnx.state(b, nnx.Not(nnx.Param))
+        return b(x), nnx.state(b, nnx.Not(nnx.Param))
 
-    y, new_state = recompute_in_backward(pure, state, *args)
+    y, new_state = recompute_in_backward(pure, state, x)
     nnx.update(block, new_state)
     return y
 

@@ -30,7 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from crnet_jax import _ffi
-from crnet_jax.depthwise import _batch_partitioned, _isa_code, default_implementation, separable_conv2d_fanout
+from crnet_jax.depthwise import (
+    _batch_partitioned,
+    _fold,
+    _isa_code,
+    _unfold,
+    default_implementation,
+    separable_conv2d_fanout,
+)
 
 f32 = jnp.float32
 
@@ -103,11 +110,9 @@ def _ffi_dx_op(isa: int, threads: int):
 
     @op.def_vmap
     def _rule(axis_size, in_batched, g, a, x, m, c):
-        if in_batched[0] and in_batched[2] and not any(in_batched[i] for i in (1, 3, 4)):
-            n = axis_size
-            fold = lambda t: t.reshape(n * t.shape[1], *t.shape[2:])  # noqa: E731
-            y = op(fold(g), a, fold(x), m, c)
-            return y.reshape(n, -1, *y.shape[1:]), True
+        gb, ab, xb, mb, cb = in_batched
+        if not (ab or mb or cb):  # shared weights: the mapped axis folded into the batch
+            return _unfold(axis_size, op(_fold(axis_size, gb, g), a, _fold(axis_size, xb, x), m, c)), True
         axes = tuple(0 if b else None for b in in_batched)
         return jax.vmap(_dx_xla, in_axes=axes)(g, a, x, m, c), True
 
@@ -142,17 +147,16 @@ def _pointwise_bn_bwd(epsilon, use_ffi, res, cts):
     dout, dmean_out, dvar_out = cts
     n = np.float32(np.prod(x.shape[:-1]))
     w, b = kernel.astype(f32), bias.astype(f32)
+    isa = _isa_code(None)
     if use_ffi:
-        isa = _isa_code(None)
         xg, gsum, xx, xsum = _ffi_sums_op(isa, 0)(x.astype(f32), dout.astype(f32))
     else:
         xg, gsum, xx, xsum = _sums_xla(x, dout)
     hi = jax.lax.Precision.HIGHEST
     # d/d(scale, shift) of sum_p dout * (scale * y + shift); y never formed
     dscale = jnp.sum(w * xg, axis=0) + b * gsum
-    _, small_vjp = jax.vjp(lambda m, m2, ga, be: _scale_shift(m, m2, ga, be, epsilon),
-                           mean, mean_sq, gamma.astype(f32), beta.astype(f32))
-    scale, _, _, _ = _scale_shift(mean, mean_sq, gamma.astype(f32), beta.astype(f32), epsilon)
+    (scale, _, _, _), small_vjp = jax.vjp(lambda m, m2, ga, be: _scale_shift(m, m2, ga, be, epsilon),
+                                          mean, mean_sq, gamma.astype(f32), beta.astype(f32))
     dmean, dmean_sq, dgamma, dbeta = small_vjp((dscale, gsum, dmean_out.astype(f32), dvar_out.astype(f32)))
     # dy = scale * dout + q * y + r, from out = scale y + shift and the moments' cotangents
     q, r = 2.0 * dmean_sq / n, dmean / n
@@ -160,7 +164,7 @@ def _pointwise_bn_bwd(epsilon, use_ffi, res, cts):
     m = jnp.matmul(w * q, w.T, precision=hi)                  # (C, C)
     c = jnp.matmul(r + q * b, w.T, precision=hi)              # (C,)
     if use_ffi:
-        dx = _ffi_dx_op(_isa_code(None), 0)(dout.astype(f32), a, x.astype(f32), m, c)
+        dx = _ffi_dx_op(isa, 0)(dout.astype(f32), a, x.astype(f32), m, c)
     else:
         dx = _dx_xla(dout, a, x, m, c)
     xy = jnp.matmul(xx, w, precision=hi) + jnp.outer(xsum, b)   # x^T y (C, L)

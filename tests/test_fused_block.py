@@ -103,11 +103,10 @@ def test_fused_block_other_instruction_sets(isa):
         _close(got, want, 2e-6)
 
 
-def test_fused_block_streaming_stores():
-    """Outputs far bigger than the caches are written with non-temporal stores (another
-    compiled path); CRNET_DEPTHWISE_STREAM_MB=0 sends every output that qualifies (L a
-    multiple of 16, 64-byte aligned) through it."""
-    env = {**os.environ, "CRNET_DEPTHWISE_STREAM_MB": "0"}
+def _matches_layers_in_subprocess(**env_changes: str) -> None:
+    """test_fused_block_matches_layers in a fresh process with the kernels' environment
+    variables changed (they are read once per process); every case must pass, none skip."""
+    env = {**os.environ, **env_changes}
     test = pathlib.Path(__file__)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "-k", "matches_layers"],
@@ -115,6 +114,13 @@ def test_fused_block_streaming_stores():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-500:]
+
+
+def test_fused_block_streaming_stores():
+    """Outputs far bigger than the caches are written with non-temporal stores (another
+    compiled path); CRNET_DEPTHWISE_STREAM_MB=0 sends every output that qualifies (L a
+    multiple of 16, 64-byte aligned) through it."""
+    _matches_layers_in_subprocess(CRNET_DEPTHWISE_STREAM_MB="0")
 
 
 @pytest.mark.skipif(not _ffi.available(), reason="C++ kernels not built")
@@ -122,14 +128,7 @@ def test_fused_block_narrow_strips():
     """The column strips' halos, whatever the default budget gives on this machine (one strip
     at these widths where the L2 cache is small): CRNET_BLOCK_SCRATCH_KB=256 cuts every
     case that can be cut into strips of a few dozen columns."""
-    env = {**os.environ, "CRNET_BLOCK_SCRATCH_KB": "256"}
-    test = pathlib.Path(__file__)
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "-k", "matches_layers"],
-        cwd=test.parent, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-500:]
+    _matches_layers_in_subprocess(CRNET_BLOCK_SCRATCH_KB="256")
 
 
 def test_fused_block_threads_identical():

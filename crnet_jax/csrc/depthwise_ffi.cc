@@ -760,6 +760,13 @@ ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// x (N, H, W, C) and g (N, H, W, L): the same pixels, any channel counts.
+ffi::Error check_pixel_pair(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> gd) {
+  if (xd.size() != 4 || gd.size() != 4 || !std::equal(xd.begin(), xd.end() - 1, gd.begin()))
+    return ffi::Error::InvalidArgument("x and g must be (N, H, W, C) and (N, H, W, L)");
+  return ffi::Error::Success();
+}
+
 // The backward of out = BatchNorm(x @ w + bias) on batch statistics, first pass:
 //   x (N,H,W,C), g (N,H,W,L) -> xg (C,L) = x^T g, gs (L) = sum g, xx (C,C) = x^T x,
 //   xs (C) = sum x, over every pixel. Attributes: isa, threads.
@@ -768,8 +775,7 @@ ffi::Error PointwiseBnSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
                                ffi::ResultBuffer<ffi::F32> xx, ffi::ResultBuffer<ffi::F32> xs, int64_t isa,
                                int64_t threads) {
   const auto xd = x.dimensions(), gd = g.dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || !std::equal(xd.begin(), xd.end() - 1, gd.begin()))
-    return ffi::Error::InvalidArgument("x and g must be (N, H, W, C) and (N, H, W, L)");
+  if (auto e = check_pixel_pair(xd, gd); e.failure()) return e;
   const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3], L = gd[3];
   const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * (C + L), 8);
   const int64_t units = N * pl.bands;
@@ -802,8 +808,7 @@ ffi::Error PointwiseBnDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi:
                              ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> c,
                              ffi::ResultBuffer<ffi::F32> dx, int64_t isa, int64_t threads) {
   const auto xd = x.dimensions(), gd = g.dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || !std::equal(xd.begin(), xd.end() - 1, gd.begin()))
-    return ffi::Error::InvalidArgument("x and g must be (N, H, W, C) and (N, H, W, L)");
+  if (auto e = check_pixel_pair(xd, gd); e.failure()) return e;
   const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3], L = gd[3];
   const auto ad = a.dimensions(), md = m.dimensions(), cd = c.dimensions();
   if (ad.size() != 2 || ad[0] != L || ad[1] != C || md.size() != 2 || md[0] != C || md[1] != C ||
