@@ -797,7 +797,11 @@ ffi::Error PointwiseBnSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   reduce_partials(pp, units, width, 1, total.data());
   std::copy(total.begin(), total.begin() + C * L, xg->typed_data());
   std::copy(total.begin() + C * L, total.begin() + C * L + L, gs->typed_data());
-  std::copy(total.begin() + C * L + L, total.begin() + C * L + L + C * C, xx->typed_data());
+  // x^T x is symmetric and the kernels may accumulate only its upper triangle: mirror it.
+  float* xxp = xx->typed_data();
+  std::copy(total.begin() + C * L + L, total.begin() + C * L + L + C * C, xxp);
+  for (int64_t c = 1; c < C; ++c)
+    for (int64_t o = 0; o < c; ++o) xxp[c * C + o] = xxp[o * C + c];
   std::copy(total.begin() + C * L + L + C * C, total.end(), xs->typed_data());
   return ffi::Error::Success();
 }
