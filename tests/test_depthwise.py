@@ -867,3 +867,47 @@ def test_shift_kernel_grad_variants_agree():
     k, d = 5, 3
     _close(jax.jit(lambda x, g: dw._shift_kgrad_blocked(x, g, k, d))(x, g),
            jax.jit(lambda x, g: dw._shift_kgrad_unrolled(x, g, k, d))(x, g), 1e-5)
+
+
+EMPTY_INPUTS = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from crnet_jax import depthwise as dw
+from crnet_jax.config import lung_config
+from crnet_jax.model import ResCRNet
+
+for shape in [(0, 9, 10, 48), (2, 0, 10, 48), (2, 9, 0, 48)]:
+    x = jnp.ones(shape, jnp.float32)
+    wd = jnp.ones((7, 7, 48), jnp.float32)
+    wp = jnp.ones((48, 16), jnp.float32)
+    b = jnp.ones((16,), jnp.float32)
+    a, s = jnp.ones((48,)), jnp.zeros((48,))
+    def loss(x, wd, wp, b, a, s, impl):
+        return jnp.sum(dw.separable_conv2d(x, wd, wp, b, 5, impl, prologue=(a, s, 0.1)))
+    got = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(x, wd, wp, b, a, s, "ffi")
+    want = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(x, wd, wp, b, a, s, "xla")
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    y = dw.depthwise_conv2d(x, wd, 5, "ffi")
+    assert y.shape == shape
+
+model = ResCRNet(lung_config(), rngs=nnx.Rngs(0))
+for shape in [(0, 16, 16, 1), (1, 0, 16, 1), (1, 16, 0, 1)]:
+    x = jnp.zeros(shape)
+    model.eval()
+    assert model(x).shape == shape[:3] + (2,)
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x)))(params)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+print("ok")
+"""
+
+
+@needs_ffi
+def test_empty_images_and_batches_do_not_crash():
+    """A batch of zero images or images of zero rows or columns: the kernels do no work,
+    the gradients equal the reference's (zeros), and the network's forward and backward in
+    both modes run. Run in a subprocess: the kernels once divided by zero (SIGFPE) here."""
+    r = subprocess.run([sys.executable, "-c", EMPTY_INPUTS], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-3000:])

@@ -174,6 +174,11 @@ Plan make_plan(ffi::ThreadPool& pool, int64_t isa, int64_t threads, int64_t N, i
   Plan p;
   p.isa = crnet_dw::resolve_isa(static_cast<int>(isa));
   p.threads = num_threads(pool, threads, work);
+  if (N <= 0 || H <= 0) {  // no pixels: no units (outputs empty, sums zero)
+    p.rows = 1;
+    p.bands = 0;
+    return p;
+  }
   int64_t bands = (target_units + N - 1) / N;
   bands = std::max<int64_t>(1, std::min<int64_t>(bands, (H + 31) / 32));
   p.rows = (H + bands - 1) / bands;
@@ -627,6 +632,7 @@ ffi::Error BlockInferImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     p.br[b].b2 = ptr[7];
     work += double(N) * H * W * ((C + F) * p.br[b].k * p.br[b].k + (C + F) * F);
   }
+  if (N * H * W == 0) return ffi::Error::Success();  // no pixels: nothing to write
   const int64_t ws = block_strip_width(p, W);
   const int64_t strips = (W + ws - 1) / ws;
   const int isa_ = crnet_dw::resolve_isa(static_cast<int>(isa));
@@ -719,7 +725,7 @@ ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   }
   const int64_t budget = 1024 * 256;  // floats: ~1 MB of the 2 MB L2
   const int64_t ws = widest_strip(W, budget, [&](int64_t w) { return crnet_dw::fanout_scratch_floats(p, w); });
-  const int64_t strips = (W + ws - 1) / ws;
+  const int64_t strips = ws > 0 ? (W + ws - 1) / ws : 0;  // W = 0: no units, sums zero
   const Plan pl = make_plan(pool, isa, threads, N, H, work, 8);
   const int64_t units = N * pl.bands * strips;
   // Per-unit partial moments, reduced in unit order (the decomposition depends on the
