@@ -17,7 +17,7 @@ def _measure(mode: str, h: int, w: int, b: int, args) -> dict:
             "remat": False, "steps": args.steps, "warmup": args.warmup}
     if args.smoke:
         spec["num_conv_res"] = 1  # the smoke run checks the script, not the network
-    return run_json_subprocess(["-m", "benchmarks.worker", json.dumps(spec)], mode=mode)
+    return run_json_subprocess(["-m", "benchmarks.worker", json.dumps(spec)])
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from crnet_jax.host_memory import INFERENCE_TUNABLES, TRAINING_TUNABLES
+from crnet_jax.host_memory import MALLOC_TUNABLES
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -84,20 +84,14 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-def malloc_tunables(mode: str) -> tuple[str, ...]:
-    """The glibc tunables crnet_jax's entry point for `mode` runs with (crnet_jax.host_memory):
-    `train`'s for "train" (huge pages, large blocks kept on the heap), `predict`'s otherwise."""
-    return TRAINING_TUNABLES if mode == "train" else INFERENCE_TUNABLES
-
-
-def run_json_subprocess(argv: list[str], python: str | None = None, timeout: float = 3600,
-                        mode: str = "train") -> dict[str, Any]:
-    """Run `python -m ...` in a fresh process from the repo root; return its last JSON line.
-    GLIBC_TUNABLES (unless set already): those of crnet_jax's entry point for `mode`, for
-    every measured process alike, ours and the peer's."""
+def run_json_subprocess(argv: list[str], python: str | None = None, timeout: float = 3600) -> dict[str, Any]:
+    """Run `python -m ...` in a fresh process from the repo root; return its last JSON line."""
     cmd = [python or sys.executable, *argv]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("GLIBC_TUNABLES", ":".join(malloc_tunables(mode)))
+    # The malloc settings of crnet_jax's command-line entry points (crnet_jax.host_memory: huge
+    # pages, large blocks kept on the heap between steps), set for every measured process alike,
+    # ours and the peer's.
+    env.setdefault("GLIBC_TUNABLES", ":".join(MALLOC_TUNABLES))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -61,7 +61,7 @@ def run_grid(args, mode: str, title: str, notes: str = "") -> list[dict[str, Any
                 peer = run_json_subprocess(
                     ["-m", "benchmarks.peers.keras_lung", "--mode", mode, "--height", str(h), "--width", str(w),
                      "--batch", str(b), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json"],
-                    python=peer_py, mode=mode,
+                    python=peer_py,
                 )
                 if "median_s_per_step" in peer:
                     peer.setdefault("median_s", peer["median_s_per_step"])
@@ -72,7 +72,7 @@ def run_grid(args, mode: str, title: str, notes: str = "") -> list[dict[str, Any
                     "remat": remat, "steps": args.steps, "warmup": args.warmup}
             if args.smoke:
                 spec["num_conv_res"] = 1  # the smoke run checks the script, not the network
-            r = run_json_subprocess(["-m", "benchmarks.worker", json.dumps(spec)], mode=mode)
+            r = run_json_subprocess(["-m", "benchmarks.worker", json.dumps(spec)])
             r.setdefault("impl_resolved", impl)
             results.append(r)
             rows.append(_row(r, "crnet_jax", h, w, b, dtype, r.get("impl_resolved", impl),

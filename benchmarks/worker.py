@@ -11,7 +11,6 @@ step, peak RSS of this process and (on accelerators) peak device bytes.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -21,11 +20,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.common import (compiled_memory, device_peak_bytes, machine_description, malloc_tunables, median,
-                               peak_rss_bytes, time_calls)
+from benchmarks.common import compiled_memory, device_peak_bytes, machine_description, median, peak_rss_bytes, time_calls
 from crnet_jax import depthwise
 from crnet_jax.config import lung_config
-from crnet_jax.host_memory import reexec_with_malloc_settings
+from crnet_jax.host_memory import is_active, reexec_with_malloc_settings
 from crnet_jax.losses import tanimoto_loss
 
 
@@ -91,12 +89,10 @@ from crnet_jax.model import ResCRNet  # noqa: E402  (after the helper definition
 
 
 def main() -> None:
+    reexec_with_malloc_settings("benchmarks.worker")  # as the command-line entry points do (crnet_jax.host_memory)
     spec = {"mode": "train", "height": 300, "width": 340, "batch": 8, "dtype": "float32", "impl": "auto",
             "remat": False, "steps": 5, "warmup": 1}
     spec.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
-    # as the command-line entry points do (crnet_jax.host_memory): `train`'s settings for a
-    # training step, `predict`'s for inference
-    reexec_with_malloc_settings("benchmarks.worker", tunables=malloc_tunables(spec["mode"]))
     spec["impl_resolved"] = depthwise.default_implementation() if spec["impl"] == "auto" else spec["impl"]
     t0 = time.perf_counter()
     step, compiled = build(spec)
@@ -113,7 +109,7 @@ def main() -> None:
         **compiled_memory(compiled),
         "peak_rss_bytes": peak_rss_bytes(),
         "device_peak_bytes": device_peak_bytes(),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "malloc_settings": is_active(),
         "cpu_async_dispatch": bool(jax.config.values["jax_cpu_enable_async_dispatch"]),
         "machine": machine_description(),
     }

@@ -1,6 +1,5 @@
 """Malloc settings for the command-line entry points: a training step's temporaries stay
-mapped from one step to the next instead of being faulted in afresh, and large blocks come
-in 2 MiB pages (Linux, glibc 2.35+).
+mapped from one step to the next instead of being faulted in afresh (Linux, glibc 2.35+).
 
 XLA:CPU mallocs an executable's temporaries as one block each time it runs (2.7 GiB per
 training step of the lung network at 300 x 340, batch 8) and frees it when the run ends.
@@ -26,13 +25,6 @@ instead of 3.3 GiB). So the entry points also turn off JAX's asynchronous CPU di
 block is freed before the call returns. Python cannot run ahead of a step any more, which
 costs nothing measurable with steps of seconds and data prepared on other threads.
 
-The kept heap is for training, where the state is donated and a step allocates little
-besides its temporaries. Inference returns fresh outputs, and the next call's are carved
-out of the freed temporaries' block before that call allocates its own, which then no
-longer fits: the heap settles at two blocks (measured: 0.97 instead of 0.67 GiB of peak RSS
-at 300 x 340 x 8, in 0.314 against 0.320 s per batch). So `predict` and `evaluate` take
-huge pages alone (INFERENCE_TUNABLES) and keep asynchronous dispatch.
-
 glibc reads GLIBC_TUNABLES only when a process starts, so the entry points
 (`python -m crnet_jax.train`, `.predict`, `.evaluate`) re-execute themselves once with the
 variable set, before JAX has allocated anything. Set CRNET_MALLOC_TUNING=0 to opt out.
@@ -44,12 +36,13 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping
 
-HUGE_PAGES = ("glibc.malloc.hugetlb=1",)
-KEEP_HEAP = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=1099511627776")
-TRAINING_TUNABLES = HUGE_PAGES + KEEP_HEAP  # `train`: state donated, one block per step
-INFERENCE_TUNABLES = HUGE_PAGES  # `predict`, `evaluate`: see the module docstring
+MALLOC_TUNABLES = (
+    "glibc.malloc.hugetlb=1",
+    "glibc.malloc.mmap_max=0",
+    "glibc.malloc.trim_threshold=1099511627776",
+)
 OPT_OUT_ENV = "CRNET_MALLOC_TUNING"
 
 
@@ -64,22 +57,22 @@ def _glibc() -> bool:
         return False
 
 
-def is_active(env: Mapping[str, str] | None = None, tunables: Sequence[str] = TRAINING_TUNABLES) -> bool:
-    """Whether `tunables` are in the environment (of this process by default)."""
-    present = (os.environ if env is None else env).get("GLIBC_TUNABLES", "").split(":")
-    return all(t in present for t in tunables)
+def is_active(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the malloc settings are in the environment (of this process by default)."""
+    tunables = (os.environ if env is None else env).get("GLIBC_TUNABLES", "").split(":")
+    return all(t in tunables for t in MALLOC_TUNABLES)
 
 
-def tuned_environment(env: Mapping[str, str], tunables: Sequence[str] = TRAINING_TUNABLES) -> dict[str, str] | None:
-    """`env` with `tunables` added to GLIBC_TUNABLES (any settings already there are kept;
-    ours come last and win), or None when nothing is to be done: not Linux with glibc
-    2.35+, opted out (CRNET_MALLOC_TUNING=0), or the settings already present."""
-    if not _glibc() or env.get(OPT_OUT_ENV, "1").strip() == "0" or is_active(env, tunables):
+def tuned_environment(env: Mapping[str, str]) -> dict[str, str] | None:
+    """`env` with the malloc settings added to GLIBC_TUNABLES (any settings already there
+    are kept; ours come last and win), or None when nothing is to be done: not Linux with
+    glibc 2.35+, opted out (CRNET_MALLOC_TUNING=0), or the settings already present."""
+    if not _glibc() or env.get(OPT_OUT_ENV, "1").strip() == "0" or is_active(env):
         return None
     current = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    names = {t.split("=", 1)[0] for t in tunables}
+    names = {t.split("=", 1)[0] for t in MALLOC_TUNABLES}
     kept = [t for t in current if t.split("=", 1)[0] not in names]
-    return {**env, "GLIBC_TUNABLES": ":".join(kept + list(tunables))}
+    return {**env, "GLIBC_TUNABLES": ":".join(kept + list(MALLOC_TUNABLES))}
 
 
 def synchronous_cpu_dispatch() -> None:
@@ -100,17 +93,16 @@ def _launched_as(module: str, scripts: tuple[str, ...]) -> bool:
     return bool(sys.argv) and os.path.basename(sys.argv[0]) in scripts
 
 
-def reexec_with_malloc_settings(module: str | None = None, scripts: tuple[str, ...] = (),
-                                tunables: Sequence[str] = TRAINING_TUNABLES) -> None:
-    """Re-execute this process (same interpreter, options and arguments) with `tunables`,
-    unless `tuned_environment` says there is nothing to do; where the heap is kept
-    (KEEP_HEAP active), turn off asynchronous CPU dispatch (`synchronous_cpu_dispatch`).
+def reexec_with_malloc_settings(module: str | None = None, scripts: tuple[str, ...] = ()) -> None:
+    """Re-execute this process (same interpreter, options and arguments) with the malloc
+    settings, unless `tuned_environment` says there is nothing to do; once they are active,
+    turn off asynchronous CPU dispatch (`synchronous_cpu_dispatch`) and return.
     module (and its console `scripts`): do it only when the process was started to run
     that entry point, never inside a program that merely calls it.
     Call it first thing in a command-line entry point, never from library code."""
     if module is not None and not _launched_as(module, scripts):
         return
-    env = tuned_environment(os.environ, tunables)
+    env = tuned_environment(os.environ)
     if env is not None:
         argv = sys.orig_argv  # the interpreter's own options included (Python 3.10+)
         sys.stdout.flush()
@@ -119,7 +111,7 @@ def reexec_with_malloc_settings(module: str | None = None, scripts: tuple[str, .
             os.execve(sys.executable, [sys.executable, *argv[1:]], env)
         except OSError as e:  # run on as we are: slower, not wrong
             print(f"note: could not restart with the malloc settings ({e}); continuing without them", file=sys.stderr)
-    if is_active(tunables=KEEP_HEAP):
+    if is_active():
         synchronous_cpu_dispatch()
 
 

@@ -32,11 +32,11 @@ def _env(**changes):
 @glibc_only
 def test_tuned_environment_adds_keeps_and_respects_opt_out():
     env = hm.tuned_environment(_env())
-    assert env["GLIBC_TUNABLES"] == ":".join(hm.TRAINING_TUNABLES) and hm.is_active(env)
+    assert env["GLIBC_TUNABLES"] == ":".join(hm.MALLOC_TUNABLES) and hm.is_active(env)
     # other settings are kept, ours replace a conflicting value of the same name
     env = hm.tuned_environment(_env(GLIBC_TUNABLES="glibc.malloc.arena_max=4:glibc.malloc.hugetlb=0"))
     parts = env["GLIBC_TUNABLES"].split(":")
-    assert parts == ["glibc.malloc.arena_max=4", *hm.TRAINING_TUNABLES] and hm.is_active(env)
+    assert parts == ["glibc.malloc.arena_max=4", *hm.MALLOC_TUNABLES] and hm.is_active(env)
     assert hm.tuned_environment(env) is None  # already there: nothing to do (no restart loop)
     assert hm.tuned_environment(_env(**{hm.OPT_OUT_ENV: "0"})) is None
 
@@ -50,7 +50,7 @@ def _run(code_or_module: list[str], env: dict) -> str:
 @glibc_only
 def test_entry_point_restarts_itself_with_the_settings_keeping_options_and_arguments():
     out = _run(["-m", "crnet_jax.host_memory"], _env())
-    assert "malloc settings active" in out and ":".join(hm.TRAINING_TUNABLES) in out
+    assert "malloc settings active" in out and ":".join(hm.MALLOC_TUNABLES) in out
     assert "synchronous CPU dispatch" in out and "asynchronous" not in out
     out = _run(["-m", "crnet_jax.host_memory"], _env(**{hm.OPT_OUT_ENV: "0"}))
     assert "malloc settings not active" in out and "asynchronous CPU dispatch" in out
@@ -121,20 +121,6 @@ def test_repeated_xla_runs_reuse_their_temporaries():
     assert rss_growth < temp // 2, (rss_growth, temp)
     default_temp, default_faults, _ = map(int, _run(["-c", XLA_RUNS], _env(**{hm.OPT_OUT_ENV: "0"})).split())
     assert default_temp == temp and default_faults > 20 * 100, default_faults
-
-
-@glibc_only
-def test_inference_entry_points_take_huge_pages_alone_and_keep_asynchronous_dispatch():
-    """`predict` and `evaluate` restart with INFERENCE_TUNABLES: no kept heap (fresh outputs
-    would split it), so no reason to give up asynchronous dispatch."""
-    code = ("import jax; from crnet_jax import host_memory as hm; "
-            "hm.reexec_with_malloc_settings(tunables=hm.INFERENCE_TUNABLES); "
-            "print(hm.is_active(tunables=hm.INFERENCE_TUNABLES), hm.is_active(tunables=hm.KEEP_HEAP), "
-            "jax.config.values['jax_cpu_enable_async_dispatch'])")
-    assert _run(["-c", code], _env()).strip() == "True False True"
-    # a process started with the training settings keeps its heap, so it dispatches synchronously
-    env = hm.tuned_environment(_env())
-    assert _run(["-c", code], env).strip() == "True True False"
 
 
 @glibc_only
