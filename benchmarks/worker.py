@@ -23,7 +23,7 @@ from flax import nnx
 from benchmarks.common import compiled_memory, device_peak_bytes, machine_description, median, peak_rss_bytes, time_calls
 from crnet_jax import depthwise
 from crnet_jax.config import lung_config
-from crnet_jax.host_memory import is_active, reexec_with_malloc_settings
+from crnet_jax.host_memory import is_active, reexec_with_huge_pages
 from crnet_jax.losses import tanimoto_loss
 
 
@@ -89,7 +89,7 @@ from crnet_jax.model import ResCRNet  # noqa: E402  (after the helper definition
 
 
 def main() -> None:
-    reexec_with_malloc_settings("benchmarks.worker")  # as the command-line entry points do (crnet_jax.host_memory)
+    reexec_with_huge_pages("benchmarks.worker")  # as the command-line entry points do (crnet_jax.host_memory)
     spec = {"mode": "train", "height": 300, "width": 340, "batch": 8, "dtype": "float32", "impl": "auto",
             "remat": False, "steps": 5, "warmup": 1}
     spec.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
@@ -109,8 +109,7 @@ def main() -> None:
         **compiled_memory(compiled),
         "peak_rss_bytes": peak_rss_bytes(),
         "device_peak_bytes": device_peak_bytes(),
-        "malloc_settings": is_active(),
-        "cpu_async_dispatch": bool(jax.config.values["jax_cpu_enable_async_dispatch"]),
+        "malloc_huge_pages": is_active(),
         "machine": machine_description(),
     }
     print(json.dumps(out))

@@ -1,35 +1,22 @@
-"""Malloc settings for the command-line entry points: a training step's temporaries stay
-mapped from one step to the next instead of being faulted in afresh (Linux, glibc 2.35+).
+"""Transparent huge pages for malloc'd memory: fewer page faults on every training step
+(Linux, glibc 2.35 and newer).
 
-XLA:CPU mallocs an executable's temporaries as one block each time it runs (2.7 GiB per
-training step of the lung network at 300 x 340, batch 8) and frees it when the run ends.
-glibc serves a block that large with fresh mmap'd pages and unmaps it on free, so by default
-every step faults all of it in again: 4 KiB page by page, 359,000 faults and about 1 s of
-system time per step (measured on the 2-core machine). Three glibc tunables change that:
+XLA:CPU allocates an executable's temporaries with malloc each time it runs (1.4 GiB per
+training step of the lung network at 300 x 340, batch 8, with remat). glibc serves blocks
+above 32 MiB with fresh mmap'd pages and unmaps them when they are freed, so every step
+touches all of it anew and the kernel faults and zeroes it 4 KiB page by page: measured
+359,000 page faults and about 1 s of system CPU time per 5.5 s step on the 2-core machine.
+With glibc.malloc.hugetlb=1 glibc asks for transparent huge pages (madvise) on the blocks it
+maps: 2 MiB pages, about 930 faults and 0.3 s of system time per step, fewer TLB misses,
+and steps of 5.07-5.19 s instead of 5.71-5.83 s (benchmarks/RESULTS.md, "sixth pass").
+Keeping the freed blocks instead (glibc.malloc.mmap_max=0, a high trim threshold, one
+arena: no faults at all) measured slower: the heap stays on 4 KiB pages.
 
-- glibc.malloc.hugetlb=1: glibc asks for transparent huge pages (madvise) on what it maps,
-  2 MiB pages, about 1,900 faults per step and fewer TLB misses;
-- glibc.malloc.mmap_max=0 and glibc.malloc.trim_threshold=1 TiB: large blocks come from the
-  heap and a freed one stays there, so the next step reuses the same pages with no fault at
-  all. On a virtual machine that hands freed memory back to its host (free page reporting),
-  a fresh block costs far more than its faults: measured every other step paying 0.7-1.4 s
-  of system time (steps of 1.86-1.94 s and 2.37-2.84 s alternating); with the heap kept,
-  every step took 1.74-2.13 s with no system time (benchmarks/RESULTS.md, "eighth pass").
-
-A kept heap holds as much as the largest set of blocks ever alive at once, so two steps'
-temporaries must never overlap: XLA:CPU frees a step's block on its worker thread just after
-the outputs are ready, and with asynchronous dispatch the next step may allocate its own
-first; once that happened (1 step in 12) the heap held two blocks for good (peak RSS 6.0
-instead of 3.3 GiB). So the entry points also turn off JAX's asynchronous CPU dispatch
-(jax_cpu_enable_async_dispatch): a computation then runs in the calling thread and its
-block is freed before the call returns. Python cannot run ahead of a step any more, which
-costs nothing measurable with steps of seconds and data prepared on other threads.
-
-glibc reads GLIBC_TUNABLES only when a process starts, so the entry points
+It takes effect where the system's transparent huge pages are "madvise" or "always"
+(/sys/kernel/mm/transparent_hugepage/enabled); under "never" it changes nothing. glibc reads
+GLIBC_TUNABLES only when a process starts, so the command-line entry points
 (`python -m crnet_jax.train`, `.predict`, `.evaluate`) re-execute themselves once with the
-variable set, before JAX has allocated anything. Set CRNET_MALLOC_TUNING=0 to opt out.
-Huge pages take effect where /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or
-"always"; the kept heap everywhere glibc runs.
+variable set, before JAX has allocated anything. Set CRNET_HUGE_PAGES=0 to opt out.
 """
 from __future__ import annotations
 
@@ -38,12 +25,8 @@ import platform
 import sys
 from typing import Mapping
 
-MALLOC_TUNABLES = (
-    "glibc.malloc.hugetlb=1",
-    "glibc.malloc.mmap_max=0",
-    "glibc.malloc.trim_threshold=1099511627776",
-)
-OPT_OUT_ENV = "CRNET_MALLOC_TUNING"
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
+OPT_OUT_ENV = "CRNET_HUGE_PAGES"
 
 
 def _glibc() -> bool:
@@ -66,22 +49,13 @@ def is_active(env: Mapping[str, str] | None = None) -> bool:
 def tuned_environment(env: Mapping[str, str]) -> dict[str, str] | None:
     """`env` with the malloc settings added to GLIBC_TUNABLES (any settings already there
     are kept; ours come last and win), or None when nothing is to be done: not Linux with
-    glibc 2.35+, opted out (CRNET_MALLOC_TUNING=0), or the settings already present."""
+    glibc 2.35+, opted out (CRNET_HUGE_PAGES=0), or the settings already present."""
     if not _glibc() or env.get(OPT_OUT_ENV, "1").strip() == "0" or is_active(env):
         return None
     current = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
     names = {t.split("=", 1)[0] for t in MALLOC_TUNABLES}
     kept = [t for t in current if t.split("=", 1)[0] not in names]
     return {**env, "GLIBC_TUNABLES": ":".join(kept + list(MALLOC_TUNABLES))}
-
-
-def synchronous_cpu_dispatch() -> None:
-    """Run CPU computations in the calling thread (jax_cpu_enable_async_dispatch off), so a
-    computation's temporaries are freed before the next one allocates (see the module
-    docstring). Takes effect only before JAX creates its CPU backend."""
-    import jax
-
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def _launched_as(module: str, scripts: tuple[str, ...]) -> bool:
@@ -93,37 +67,31 @@ def _launched_as(module: str, scripts: tuple[str, ...]) -> bool:
     return bool(sys.argv) and os.path.basename(sys.argv[0]) in scripts
 
 
-def reexec_with_malloc_settings(module: str | None = None, scripts: tuple[str, ...] = ()) -> None:
+def reexec_with_huge_pages(module: str | None = None, scripts: tuple[str, ...] = ()) -> None:
     """Re-execute this process (same interpreter, options and arguments) with the malloc
-    settings, unless `tuned_environment` says there is nothing to do; once they are active,
-    turn off asynchronous CPU dispatch (`synchronous_cpu_dispatch`) and return.
+    settings, unless `tuned_environment` says there is nothing to do; returns only then.
     module (and its console `scripts`): do it only when the process was started to run
     that entry point, never inside a program that merely calls it.
     Call it first thing in a command-line entry point, never from library code."""
     if module is not None and not _launched_as(module, scripts):
         return
     env = tuned_environment(os.environ)
-    if env is not None:
-        argv = sys.orig_argv  # the interpreter's own options included (Python 3.10+)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        try:
-            os.execve(sys.executable, [sys.executable, *argv[1:]], env)
-        except OSError as e:  # run on as we are: slower, not wrong
-            print(f"note: could not restart with the malloc settings ({e}); continuing without them", file=sys.stderr)
-    if is_active():
-        synchronous_cpu_dispatch()
+    if env is None:
+        return
+    argv = sys.orig_argv  # the interpreter's own options included (Python 3.10+)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    except OSError as e:  # run on as we are: slower, not wrong
+        print(f"note: could not restart with the malloc settings ({e}); continuing without them", file=sys.stderr)
 
 
 def main() -> None:
     """`python -m crnet_jax.host_memory`: say whether the settings are active here."""
-    reexec_with_malloc_settings("crnet_jax.host_memory")
-    import jax
-
+    reexec_with_huge_pages("crnet_jax.host_memory")
     state = "active" if is_active() else "not active"
-    dispatch = "asynchronous" if jax.config.values["jax_cpu_enable_async_dispatch"] else "synchronous"
-    print(f"malloc settings {state}: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}; "
-          f"{dispatch} CPU dispatch")
+    print(f"malloc settings {state}: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
 
 
 if __name__ == "__main__":

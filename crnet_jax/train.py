@@ -35,7 +35,7 @@ import numpy as np
 
 from crnet_jax import distributed
 from crnet_jax import train_config as tc
-from crnet_jax.host_memory import reexec_with_malloc_settings
+from crnet_jax.host_memory import reexec_with_huge_pages
 
 RUNS_DIR = "runs"
 MODEL_DIR = "model"
@@ -491,8 +491,8 @@ def resolve(args: argparse.Namespace) -> tuple[tc.TrainConfig, pathlib.Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # the command line: malloc settings (crnet_jax.host_memory)
-        reexec_with_malloc_settings("crnet_jax.train")
+    if argv is None:  # the command line: huge pages for malloc (crnet_jax.host_memory)
+        reexec_with_huge_pages("crnet_jax.train")
     args = parse_args(argv)
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
