@@ -520,12 +520,12 @@ ffi::Error SepBwdAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
 }
 
 // The widest strip of ceil(W / strips) columns whose scratch(ws) floats fit `budget` (or
-// 16 columns and less, whatever it takes).
+// 16 columns and less, whatever it takes); at least 1, so W = 0 makes no strips.
 template <class F>
 int64_t widest_strip(int64_t W, int64_t budget, F&& scratch) {
   for (int64_t strips = 1;; ++strips) {
     const int64_t ws = (W + strips - 1) / strips;
-    if (ws <= 16 || scratch(ws) <= budget) return ws;
+    if (ws <= 16 || scratch(ws) <= budget) return std::max<int64_t>(ws, 1);
   }
 }
 
@@ -725,7 +725,7 @@ ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   }
   const int64_t budget = 1024 * 256;  // floats: ~1 MB of the 2 MB L2
   const int64_t ws = widest_strip(W, budget, [&](int64_t w) { return crnet_dw::fanout_scratch_floats(p, w); });
-  const int64_t strips = ws > 0 ? (W + ws - 1) / ws : 0;  // W = 0: no units, sums zero
+  const int64_t strips = (W + ws - 1) / ws;
   const Plan pl = make_plan(pool, isa, threads, N, H, work, 8);
   const int64_t units = N * pl.bands * strips;
   // Per-unit partial moments, reduced in unit order (the decomposition depends on the
