@@ -1,5 +1,7 @@
 """Builds the optional C++ XLA FFI extension crnet_jax._depthwise_ffi (CPU kernels for the
-depthwise atrous convolution). All metadata lives in pyproject.toml.
+depthwise atrous convolution) and, on Linux, the optional preload library
+crnet_jax._block_cache (csrc/block_cache.c: keeps XLA's step-sized memory block mapped
+between steps; crnet_jax/host_memory.py). All metadata lives in pyproject.toml.
 
 The extension is optional: if the compiler or the XLA FFI headers (shipped with jaxlib,
 found through `jax.ffi.include_dir()`) are missing, the install still succeeds and
@@ -20,6 +22,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CSRC = "crnet_jax/csrc"
+BLOCK_CACHE = "crnet_jax._block_cache"
 
 
 def _source_digest() -> str:
@@ -42,6 +45,12 @@ class OptionalBuildExt(build_ext):
         if os.environ.get("CRNET_NO_EXTENSION", "") not in ("", "0"):
             self._skip(ext, "CRNET_NO_EXTENSION is set")
             return
+        if ext.name == BLOCK_CACHE:  # plain C, no Python or XLA headers
+            try:
+                super().build_extension(ext)
+            except Exception as e:
+                self._skip(ext, f"compilation failed ({type(e).__name__}: {e})")
+            return
         try:
             import jax.ffi
 
@@ -57,10 +66,12 @@ class OptionalBuildExt(build_ext):
             self._skip(ext, f"compilation failed ({type(e).__name__}: {e})")
 
     def _skip(self, ext, why):
-        msg = (
-            f"\n*** crnet_jax: not building {ext.name}: {why}.\n"
-            "*** The package still works, with the slower pure-JAX depthwise convolution on CPU.\n"
+        fallback = (
+            "without the block cache (each training step maps its memory afresh)"
+            if ext.name == BLOCK_CACHE
+            else "with the slower pure-JAX depthwise convolution on CPU"
         )
+        msg = f"\n*** crnet_jax: not building {ext.name}: {why}.\n*** The package still works, {fallback}.\n"
         print(msg, file=sys.stderr)
 
 
@@ -100,4 +111,16 @@ ext = Extension(
     optional=True,
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": OptionalBuildExt})
+# Loaded with LD_PRELOAD, never imported: a shared library with no Python in it. Linux with
+# glibc only (it forwards to glibc's __libc_memalign and friends).
+block_cache = Extension(
+    BLOCK_CACHE,
+    sources=[f"{CSRC}/block_cache.c"],
+    language="c",
+    extra_compile_args=["-std=gnu11", "-O2", "-g0", "-fvisibility=hidden"],
+    libraries=["dl", "pthread"],
+    optional=True,
+)
+
+extensions = [ext, block_cache] if sys.platform.startswith("linux") else [ext]
+setup(ext_modules=extensions, cmdclass={"build_ext": OptionalBuildExt})

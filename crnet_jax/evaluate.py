@@ -52,7 +52,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from crnet_jax.host_memory import reexec_with_huge_pages
+from crnet_jax.host_memory import reexec_with_host_memory_settings
 from crnet_jax.metrics import EMPTY_POLICIES, metrics_from_counts, pooled_scores
 from crnet_jax.readers import ImageReadError, binarize_mask, read_image
 from crnet_jax.surface import DISTANCE_NAMES, surface_distances
@@ -363,8 +363,8 @@ def evaluate_checkpoint(checkpoint: Any, images_dir: str | os.PathLike, truth_di
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command line: huge pages for malloc (crnet_jax.host_memory)
-        reexec_with_huge_pages("crnet_jax.evaluate", ("crnet-evaluate",))
+    if argv is None:  # the command line: malloc settings and block cache (crnet_jax.host_memory)
+        reexec_with_host_memory_settings("crnet_jax.evaluate", ("crnet-evaluate",))
     parser = argparse.ArgumentParser(
         prog="python -m crnet_jax.evaluate",
         description="Lung segmentation vs truth masks: per-image Dice, IoU, precision, recall, Hausdorff, HD95, ASSD "

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
-from crnet_jax.host_memory import reexec_with_huge_pages
+from crnet_jax.host_memory import reexec_with_host_memory_settings
 from crnet_jax.preprocess import Geometry, PreprocessConfig, preprocess_image, restore_prediction
 from crnet_jax.readers import ImageMeta, ImageReadError, read_image
 
@@ -564,8 +564,8 @@ def preprocess_from_args(args: argparse.Namespace, checkpoint: Any) -> Preproces
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command line: huge pages for malloc (crnet_jax.host_memory)
-        reexec_with_huge_pages("crnet_jax.predict", ("crnet-predict",))
+    if argv is None:  # the command line: malloc settings and block cache (crnet_jax.host_memory)
+        reexec_with_host_memory_settings("crnet_jax.predict", ("crnet-predict",))
     parser = argparse.ArgumentParser(
         prog="python -m crnet_jax.predict",
         description="Segment the lungs on chest films (a file or a folder, recursively): lung masks, overlays, "
