@@ -23,7 +23,7 @@ from flax import nnx
 from benchmarks.common import compiled_memory, device_peak_bytes, machine_description, median, peak_rss_bytes, time_calls
 from crnet_jax import depthwise
 from crnet_jax.config import lung_config
-from crnet_jax.host_memory import is_active, reexec_with_huge_pages
+from crnet_jax.host_memory import block_cache_stats, blocks_in_use, is_active, reexec_with_host_memory_settings, settle_block_cache
 from crnet_jax.losses import tanimoto_loss
 
 
@@ -56,7 +56,12 @@ def build(spec: dict):
 
         fn = jax.jit(infer)
         compiled = fn.lower(state, x).compile()
-        return (lambda: compiled(state, x).block_until_ready()), compiled
+        def infer_once():
+            before = blocks_in_use()
+            compiled(state, x).block_until_ready()
+            settle_block_cache(before)
+
+        return infer_once, compiled
 
     model.train()
     tx = optax.adam(1e-3)
@@ -78,9 +83,11 @@ def build(spec: dict):
     carry = [params, rest, opt_state]
 
     def step():
+        before = blocks_in_use()
         p, r, o, loss = compiled(*carry, x, y)
         carry[:] = [p, r, o]
         loss.block_until_ready()
+        settle_block_cache(before)  # as the training loop does between steps on CPU
 
     return step, compiled
 
@@ -89,7 +96,7 @@ from crnet_jax.model import ResCRNet  # noqa: E402  (after the helper definition
 
 
 def main() -> None:
-    reexec_with_huge_pages("benchmarks.worker")  # as the command-line entry points do (crnet_jax.host_memory)
+    reexec_with_host_memory_settings("benchmarks.worker")  # as the command-line entry points do (crnet_jax.host_memory)
     spec = {"mode": "train", "height": 300, "width": 340, "batch": 8, "dtype": "float32", "impl": "auto",
             "remat": False, "steps": 5, "warmup": 1}
     spec.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
@@ -110,6 +117,7 @@ def main() -> None:
         "peak_rss_bytes": peak_rss_bytes(),
         "device_peak_bytes": device_peak_bytes(),
         "malloc_huge_pages": is_active(),
+        "block_cache": block_cache_stats(),
         "machine": machine_description(),
     }
     print(json.dumps(out))

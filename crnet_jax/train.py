@@ -35,7 +35,7 @@ import numpy as np
 
 from crnet_jax import distributed
 from crnet_jax import train_config as tc
-from crnet_jax.host_memory import reexec_with_huge_pages
+from crnet_jax.host_memory import blocks_in_use, reexec_with_host_memory_settings, settle_block_cache
 
 RUNS_DIR = "runs"
 MODEL_DIR = "model"
@@ -284,6 +284,14 @@ def run(cfg: tc.TrainConfig, run_dir: str | pathlib.Path, *, resume: bool = Fals
                 "val": val, "seed": cfg.seed, "time": time.time()}
 
     pending: list[tuple[int, dict]] = []
+    # On CPU, dispatch a step only once the previous one is done and its memory is back (the
+    # next batch is read and placed meanwhile): XLA:CPU allocates a step's temporaries when
+    # the step is dispatched, so a step queued behind a running one maps a second step-sized
+    # block, where the block cache preloaded by the entry points (crnet_jax.host_memory)
+    # would have served the first one again with no page faults. The devices are the host's
+    # cores, so nothing is lost; accelerators keep their queue.
+    one_step_in_flight = mesh.devices.flat[0].platform == "cpu"
+    blocks_before_step = 0
     window = {"t": time.time(), "images": 0}
     last_val: dict[str, float] | None = None
     stopped_early = was_interrupted = False
@@ -321,6 +329,10 @@ def run(cfg: tc.TrainConfig, run_dir: str | pathlib.Path, *, resume: bool = Fals
             if s >= cfg.num_steps:
                 break
             batch = distributed.global_batch(mesh, local, cfg.batch_size)
+            if pending and one_step_in_flight:
+                jax.block_until_ready(pending[-1][1])
+                settle_block_cache(blocks_before_step)
+            blocks_before_step = blocks_in_use()
             state, m = steps.train(state, batch)
             pending.append((s, m))
             window["images"] += cfg.batch_size
@@ -491,8 +503,8 @@ def resolve(args: argparse.Namespace) -> tuple[tc.TrainConfig, pathlib.Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # the command line: huge pages for malloc (crnet_jax.host_memory)
-        reexec_with_huge_pages("crnet_jax.train")
+    if argv is None:  # the command line: malloc settings and block cache (crnet_jax.host_memory)
+        reexec_with_host_memory_settings("crnet_jax.train")
     args = parse_args(argv)
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
