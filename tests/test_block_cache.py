@@ -1,6 +1,6 @@
 """The block cache (crnet_jax/csrc/block_cache.c), preloaded in a subprocess: large aligned
-blocks are reused instead of mapped afresh, at most one spare is kept, everything else is
-glibc's, and JAX computes the same with it."""
+blocks are reused instead of mapped afresh, what stays mapped never exceeds the most that was
+in use at once, everything else is glibc's, and JAX computes the same with it."""
 from __future__ import annotations
 
 import os
@@ -75,7 +75,7 @@ def test_freed_blocks_are_reused_without_faults_within_the_high_water_mark():
         ctypes.memset(b, 2, 80 * MiB)
         assert b == a and faults() - f0 < 100, faults() - f0
         libc.free(b)
-        c = alloc(150 * MiB)  # the spare cannot hold it: the spare is unmapped first
+        c = alloc(150 * MiB)  # the spare cannot hold it, and 100 + 150 > 150 in use at most: it goes first
         s = hm.block_cache_stats()
         assert (s["mapped"], s["reused"], s["unmapped"], s["spare_bytes"]) == (2, 1, 1, 0), s
         d = alloc(120 * MiB)  # nothing spare: a third block (270 MiB in use at once)

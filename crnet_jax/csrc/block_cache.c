@@ -1,4 +1,4 @@
-/* A cache of one large memory block, preloaded (LD_PRELOAD) into the command-line entry
+/* A cache of XLA's large memory blocks, preloaded (LD_PRELOAD) into the command-line entry
  * points by crnet_jax/host_memory.py.
  *
  * XLA:CPU allocates an executable's temporaries as one block each time it runs (2.87 GB for
@@ -7,7 +7,7 @@
  * on a VM whose kernel hands freed memory back to its host that costs up to 1.4 s of system
  * time per 2 s step. Here the aligned allocations XLA makes (posix_memalign, aligned_alloc,
  * memalign) of LARGE_BYTES or more come from mmap'd, 2 MiB-aligned blocks backed by
- * transparent huge pages (madvise), and when one is freed it stays mapped as the spare: the
+ * transparent huge pages (madvise), and when one is freed it stays mapped as a spare: the
  * next large request that fits is served from it with no fault at all.
  *
  * Memory bound: freed blocks stay mapped as spares, and a request takes the smallest spare
