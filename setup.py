@@ -45,24 +45,19 @@ class OptionalBuildExt(build_ext):
         if os.environ.get("CRNET_NO_EXTENSION", "") not in ("", "0"):
             self._skip(ext, "CRNET_NO_EXTENSION is set")
             return
-        if ext.name == BLOCK_CACHE:  # plain C, no Python or XLA headers
+        if ext.name != BLOCK_CACHE:  # the FFI extension needs XLA's headers (the cache is plain C)
             try:
-                super().build_extension(ext)
-            except Exception as e:
-                self._skip(ext, f"compilation failed ({type(e).__name__}: {e})")
-            return
-        try:
-            import jax.ffi
+                import jax.ffi
 
-            ext.include_dirs.append(jax.ffi.include_dir())
-        except Exception as e:  # jax/jaxlib not importable in the build environment
-            self._skip(ext, f"the XLA FFI headers are unavailable ({type(e).__name__}: {e})")
-            return
-        if self.compiler.compiler_type == "msvc":
-            ext.extra_compile_args = ["/O2", "/std:c++17", "/EHsc"]
+                ext.include_dirs.append(jax.ffi.include_dir())
+            except Exception as e:  # jax/jaxlib not importable in the build environment
+                self._skip(ext, f"the XLA FFI headers are unavailable ({type(e).__name__}: {e})")
+                return
+            if self.compiler.compiler_type == "msvc":
+                ext.extra_compile_args = ["/O2", "/std:c++17", "/EHsc"]
         try:
             super().build_extension(ext)
-        except Exception as e:  # compiler missing or failing: keep the pure-JAX fallback
+        except Exception as e:  # compiler missing or failing: the package works without it
             self._skip(ext, f"compilation failed ({type(e).__name__}: {e})")
 
     def _skip(self, ext, why):

@@ -159,7 +159,8 @@ def _launched_as(module: str, scripts: tuple[str, ...]) -> bool:
 
 def reexec_with_host_memory_settings(module: str | None = None, scripts: tuple[str, ...] = ()) -> None:
     """Re-execute this process (same interpreter, options and arguments) with the malloc
-    settings and the block cache, unless `tuned_environment` says there is nothing to do; returns only then.
+    settings and the block cache, unless `tuned_environment` says there is nothing to do;
+    returns only then.
     module (and its console `scripts`): do it only when the process was started to run
     that entry point, never inside a program that merely calls it.
     Call it first thing in a command-line entry point, never from library code."""

@@ -329,10 +329,11 @@ def run(cfg: tc.TrainConfig, run_dir: str | pathlib.Path, *, resume: bool = Fals
             if s >= cfg.num_steps:
                 break
             batch = distributed.global_batch(mesh, local, cfg.batch_size)
-            if pending and one_step_in_flight:
-                jax.block_until_ready(pending[-1][1])
-                settle_block_cache(blocks_before_step)
-            blocks_before_step = blocks_in_use()
+            if one_step_in_flight:
+                if pending:
+                    jax.block_until_ready(pending[-1][1])
+                    settle_block_cache(blocks_before_step)
+                blocks_before_step = blocks_in_use()
             state, m = steps.train(state, batch)
             pending.append((s, m))
             window["images"] += cfg.batch_size
