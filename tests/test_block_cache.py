@@ -57,8 +57,10 @@ def _run(code: str, preload: bool = True, **env_changes) -> str:
 def test_the_cache_is_built_where_the_extension_is():
     from crnet_jax import _ffi
 
-    if _ffi.available():  # same compiler, same install: a missing cache would be a packaging bug
-        assert LIBRARY is not None and LIBRARY.is_file()
+    if not _ffi.available():
+        pytest.skip("the C++ extension is not built here either (no compiler, or CRNET_NO_EXTENSION)")
+    # same compiler, same install: a missing cache would be a packaging bug
+    assert LIBRARY is not None and LIBRARY.is_file()
 
 
 @needs_cache
