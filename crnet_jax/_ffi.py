@@ -21,10 +21,11 @@ ISA_CODES = {"auto": 0, "best": 0, "baseline": 1, "base": 1, "sse2": 1, "avx2": 
 # csrc/depthwise_ffi.cc) and the targets it calls: an extension built from older sources
 # (an in-place build left behind by a checkout of newer code) is refused, with the
 # command that rebuilds it, rather than called with operands it does not expect.
-ABI_VERSION = 5
+ABI_VERSION = 6
 REQUIRED_TARGETS = frozenset({
     "crnet_depthwise_fwd", "crnet_depthwise_bwd", "crnet_separable_fwd", "crnet_separable_bwd",
     "crnet_separable_fwd_into", "crnet_separable_fwd_stats", "crnet_separable_bwd_acc",
+    "crnet_separable_bwd_bn", "crnet_separable_bwd_bn_acc", "crnet_separable_fwd_into_sums",
     "crnet_block_infer", "crnet_fanout_fwd_stats", "crnet_pointwise_bn_sums", "crnet_pointwise_bn_dx",
 })
 _REBUILD = ("rebuild it: pip install -e . (or, with setuptools >= 77 installed, "

@@ -24,6 +24,13 @@ the block input and the output gradient: the 1 x 1 convolution's output is not k
 So in training a block keeps for its backward pass only its input and the branches'
 16-channel first convolutions (needed anyway by the second convolutions' backward).
 
+BatchNorm moments in training never take a pass of their own: the branches' BatchNorms get
+theirs from the fan-out kernel, and their cotangents are added by the first convolutions'
+backward kernels as they read the output gradient; a CONV RES block's pre-activation gets
+its input's from the previous block, whose second convolutions sum each image's output
+channels as they write them (`forward(output_sums=True)`, scaled by the dropout mask in
+between: `crnet_jax.model`).
+
 In inference mode (every BatchNorm at its running statistics) the whole block is one C++
 kernel call where it can be (`crnet_jax.fused_block`, `ModelConfig.fused_inference`): the
 branches' middles never leave the cache.
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crnet_jax.config import ModelConfig
-from crnet_jax.depthwise import default_implementation
+from crnet_jax.depthwise import batch_moments_from_sums, default_implementation
 from crnet_jax.fused_block import BranchWeights, fused_block_supported, residual_block_inference_fused
 from crnet_jax.layers import (
     PointwiseConv,
@@ -74,12 +81,16 @@ class Branch(nnx.Module):
         return self.conv2(h, (scale, shift, self.slope))
 
     def finish_into(self, h: jax.Array, acc: jax.Array, offset: int, extra_bias: jax.Array | None = None,
-                    moments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                    moments: tuple[jax.Array, jax.Array] | None = None, sums: bool = False,
+                    deferred_scale: jax.Array | None = None):
         """The branch after conv1: acc (B, H, W, L) with channels [offset, offset + filters)
         increased by conv2(LeakyReLU(bn(h))) (+ extra_bias (filters,)), h = conv1's output
-        (B, H, W, filters); moments: h's batch moments if already known (training)."""
+        (B, H, W, filters); moments: h's batch moments if already known (training). sums:
+        (acc, per-image sums (B, filters) of those channels of acc and of their squares).
+        deferred_scale: acc's slice still to be scaled (see `separable_conv2d_into`)."""
         scale, shift = batch_norm_scale_shift(self.bn, h, moments)
-        return self.conv2.into(acc, offset, h, (scale, shift, self.slope), extra_bias)
+        return self.conv2.into(acc, offset, h, (scale, shift, self.slope), extra_bias, sums=sums,
+                               deferred_scale=deferred_scale)
 
 
 class ResidualBlock(nnx.Module):
@@ -105,26 +116,47 @@ class ResidualBlock(nnx.Module):
         the branches' first convolutions run as one fan-out from x (one input gradient in
         the backward) and each second convolution adds into its channel slice of the
         shortcut's output (reading its slice of the output gradient in the backward)."""
+        return self.forward(x)[0]
+
+    def forward(self, x: jax.Array, input_sums: tuple[jax.Array, jax.Array] | None = None,
+                output_sums: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """`self(x)` and, with output_sums in training with the C++ kernels, the per-image
+        sums over (H, W) of the output and of its square, float32 (B, L) each, summed by the
+        branches' kernels as they write their channels (else None): what the next block's
+        pre-activation BatchNorm needs for its batch moments, without a pass over the
+        output. input_sums: those of x (scaled by whatever scaled x since, e.g. dropout),
+        for this block's own pre-activation (CONV RES, training); None: its moments are
+        reduced from x."""
         if self._fusable(x):
-            return self._fused(x)
+            return self._fused(x), None
         if not self.shortcut_bn.use_running_average:  # training: the shortcut joins the fan-out
-            *hs, shortcut = self.first_convolutions(x, with_shortcut=True)
-            return self.finish(x, hs, shortcut)
-        return self.finish(x, self.first_convolutions(x))
+            *hs, shortcut = self.first_convolutions(x, with_shortcut=True, input_sums=input_sums)
+            return self._finish(x, hs, shortcut, output_sums and self._sums_in_kernels())
+        return self._finish(x, self.first_convolutions(x, input_sums=input_sums), None, False)
+
+    def _sums_in_kernels(self) -> bool:
+        """Training with the C++ kernels: the output's per-image sums come with it."""
+        impl = default_implementation() if self.impl == "auto" else self.impl
+        return impl == "ffi" and self._training()
 
     def _training(self) -> bool:
         return not all(branch.bn.use_running_average for branch in self.branches)
 
-    def first_convolutions(self, x: jax.Array, with_shortcut: bool = False) -> list:
+    def first_convolutions(self, x: jax.Array, with_shortcut: bool = False,
+                           input_sums: tuple[jax.Array, jax.Array] | None = None) -> list:
         """The branches' first convolutions of x (of LeakyReLU(pre_bn(x)) in a CONV RES block),
         one fan-out: [h (B, H, W, filters)] per branch, in training [(h, mean, mean_sq)] with
         h's float32 batch moments (filters,), summed by the kernels as they write h.
         with_shortcut (training): the shortcut's 1 x 1 convolution of the raw x joins the
         fan-out (one pass over x for all of them) as the last item, (y, mean, mean_sq),
-        values only: `pointwise_batch_norm` differentiates the shortcut itself."""
+        values only: `pointwise_batch_norm` differentiates the shortcut itself.
+        input_sums: x's per-image sums (see `forward`), for pre_bn's batch moments."""
         prologue = None
         if self.pre_bn is not None:  # x0 = LeakyReLU(pre_bn(x)), folded into each branch's conv1
-            scale, shift = batch_norm_scale_shift(self.pre_bn, x)
+            moments = None
+            if input_sums is not None and not self.pre_bn.use_running_average:
+                moments = batch_moments_from_sums(x, *input_sums)
+            scale, shift = batch_norm_scale_shift(self.pre_bn, x, moments)
             prologue = (scale, shift, self.slope)
         return separable_fanout([branch.conv1 for branch in self.branches], x, prologue, moments=self._training(),
                                 shortcut=self.shortcut_conv if with_shortcut else None, shortcut_grad=False)
@@ -134,17 +166,35 @@ class ResidualBlock(nnx.Module):
         """The block's output from x and `first_convolutions(x)`: the shortcut (its
         convolution's (y, mean, mean_sq) from the fan-out when given) plus each branch's rest
         (BN -> LeakyReLU -> second convolution) added into its channel slice."""
-        out, bias = self._shortcut(x, shortcut)
+        return self._finish(x, hs, shortcut, False)[0]
+
+    def _finish(self, x: jax.Array, hs: list, shortcut, sums: bool
+                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """`finish`, and with sums the output's per-image sums (see `forward`): each branch's
+        kernel finishes its channel slice and sums it as it writes it."""
+        # In training with the C++ kernels the shortcut's BatchNorm scale is applied by the
+        # branches' kernels as they add into their slices (its shift joins their bias), so
+        # no pass over the (B, H, W, L) output forms it: every channel must have a branch.
+        widths = sum(branch.conv2.pointwise_kernel.shape[1] for branch in self.branches)
+        defer = self._sums_in_kernels() and widths == self.shortcut_conv.kernel[...].shape[1]
+        out, bias, deferred = self._shortcut(x, shortcut, defer)
         training = self._training()
         offset = 0
+        parts = []
         for branch, h in zip(self.branches, hs):
             h, moments = (h[0], h[1:]) if training else (h, None)
             if branch.bn.use_running_average:
                 moments = None
             f = h.shape[-1]
-            out = branch.finish_into(h, out, offset, None if bias is None else bias[offset : offset + f], moments)
+            out = branch.finish_into(h, out, offset, None if bias is None else bias[offset : offset + f], moments,
+                                     sums=sums, deferred_scale=None if deferred is None else deferred[offset : offset + f])
+            if sums:
+                out, s1, s2 = out
+                parts.append((s1, s2))
             offset += f
-        return out
+        if not sums or offset != out.shape[-1]:  # the branches must cover every channel
+            return out, None
+        return out, (jnp.concatenate([p[0] for p in parts], -1), jnp.concatenate([p[1] for p in parts], -1))
 
     def _fusable(self, x: jax.Array) -> bool:
         """Inference mode, fused_inference on, the C++ kernels chosen and float32 throughout."""
@@ -187,9 +237,9 @@ class ResidualBlock(nnx.Module):
         kernel = conv.kernel[...].astype(jnp.float32) * scale
         return kernel, conv.bias[...].astype(jnp.float32) * scale + shift
 
-    def _shortcut(self, x: jax.Array, computed: tuple[jax.Array, jax.Array, jax.Array] | None = None
-                  ) -> tuple[jax.Array, jax.Array | None]:
-        """shortcut_bn(shortcut_conv(x)) as (values, None); in inference mode, where the
+    def _shortcut(self, x: jax.Array, computed: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                  defer: bool = False) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """shortcut_bn(shortcut_conv(x)) as (values, None, None); in inference mode, where the
         BatchNorm is a fixed affine map, as (x @ folded kernel, folded bias): its scale is
         folded into the 1x1 kernel and the bias is left for the caller to add (the branches'
         kernels add it with their own), so the shortcut is one matrix product and no
@@ -197,19 +247,23 @@ class ResidualBlock(nnx.Module):
         `pointwise_batch_norm`: the moments come with the convolution and the backward
         reads only x and the output gradient, so the 1 x 1 convolution's output is
         neither kept for the backward pass nor recomputed in it; `computed`: the
-        convolution and its moments from the fan-out."""
+        convolution and its moments from the fan-out. defer (training): (the convolution y,
+        the BatchNorm's shift, its scale), the scale and shift left to the branches' kernels
+        (`pointwise_batch_norm(deferred=True)`: y's gradient stands for the output's)."""
         if not self.shortcut_bn.use_running_average:
             conv, bn = self.shortcut_conv, self.shortcut_bn
-            out, mean, var = pointwise_batch_norm(
+            outs = pointwise_batch_norm(
                 x.astype(conv.dtype), conv.kernel[...].astype(conv.dtype), conv.bias[...].astype(conv.dtype),
                 bn.scale[...].astype(jnp.float32), bn.bias[...].astype(jnp.float32), bn.epsilon, self.impl,
-                computed)
-            update_running_statistics(bn, mean, var)
-            return out, None
+                computed, deferred=defer)
+            update_running_statistics(bn, outs[1], outs[2])
+            if defer:
+                return outs[0], outs[4], outs[3]
+            return outs[0], None, None
         conv = self.shortcut_conv
         kernel, bias = self._folded_shortcut()
         y = jnp.einsum("bhwc,cd->bhwd", x.astype(conv.dtype), kernel.astype(conv.dtype))
-        return y, bias
+        return y, bias, None
 
 
 def stem_block(in_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> ResidualBlock:

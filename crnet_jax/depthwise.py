@@ -248,7 +248,8 @@ def _unfold(axis_size, a):
 def _batch_partitioned(raw, arg_kinds: str, out_kinds: str, rule: str, weight_groups: bool = True):
     """Wrap an FFI call so XLA's SPMD partitioner runs it per device on the local batch.
 
-    arg_kinds: per argument, "b" (batch-leading, like x) or "w" (weights, replicated).
+    arg_kinds: per argument, "b" (batch-leading, like x), "w" (weights, replicated) or "v"
+    (replicated, never grouped: a per-channel vector whose leading axis is not a group axis).
     out_kinds: per result, "b" (batch-sharded like x) or "r" (summed over the batch: psum
     over the mesh axes of the batch). Without this, a custom call on a batch-sharded
     array (data parallelism over several devices or processes) would be all-gathered
@@ -513,9 +514,9 @@ def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: 
     """custom_vmap-wrapped separable FFI calls on a channel slice of a wider tensor, and the
     backward that accumulates its input gradient (see `_ffi_sep_ops` for the weights).
 
-      sep_into(x, a, b, wdw, wpw, bias, acc (N,H,W,L)) -> acc with channels
-          [offset, offset + Co) increased by the convolution (computed in place: the
-          result aliases acc)
+      sep_into(x, a, b, wdw, wpw, bias, acc_scale (G,Co), acc (N,H,W,L)) -> acc with
+          channels [offset, offset + Co) scaled by acc_scale and increased by the
+          convolution (computed in place: the result aliases acc)
       sep_bwd_slice(x, a, b, wdw, wpw, dout (N,H,W,L)) -> (dx, da, db, dwdw, dwpw, dbias),
           the output gradient read from channels [offset, offset + Co) of dout
       sep_bwd_acc(x, a, b, wdw, wpw, dout, dx_in) -> as sep_bwd_slice with dx_in + dx
@@ -533,10 +534,10 @@ def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: 
         return tuple(jax.ShapeDtypeStruct(s, f32) for s in (
             x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
 
-    def raw_into(x, a, b, wdw, wpw, bias, acc):
+    def raw_into(x, a, b, wdw, wpw, bias, acc_scale, acc):
         out = jax.ShapeDtypeStruct(acc.shape, f32)
-        call = jax.ffi.ffi_call("crnet_separable_fwd_into", out, input_output_aliases={6: 0})
-        return call(x, a, b, wdw, wpw, bias, acc, **attrs)
+        call = jax.ffi.ffi_call("crnet_separable_fwd_into", out, input_output_aliases={7: 0})
+        return call(x, a, b, wdw, wpw, bias, acc_scale, acc, **attrs)
 
     def raw_bwd_slice(x, a, b, wdw, wpw, dout):
         call = jax.ffi.ffi_call("crnet_separable_bwd", grad_shapes(x, a, b, wdw, wpw))
@@ -548,20 +549,21 @@ def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: 
         return tuple(call(x, a, b, wdw, wpw, dout, dx_in, **attrs))
 
     grads = "n h w c, g c, g c, g k l c, g c o, g o"
-    p_into = _batch_partitioned(raw_into, "bwwwwwb", "b", "n h w c, g c, g c, g k l c, g c o, g o, n h w m -> n h w m")
+    p_into = _batch_partitioned(raw_into, "bwwwwwwb", "b",
+                                "n h w c, g c, g c, g k l c, g c o, g o, g o, n h w m -> n h w m")
     p_bwd_slice = _batch_partitioned(
         raw_bwd_slice, "bwwwwb", "brrrrr", "n h w c, g c, g c, g k l c, g c o, n h w m -> " + grads)
     p_bwd_acc = _batch_partitioned(
         raw_bwd_acc, "bwwwwbb", "brrrrr", "n h w c, g c, g c, g k l c, g c o, n h w m, n h w c -> " + grads)
 
     @jax.custom_batching.custom_vmap
-    def sep_into(x, a, b, wdw, wpw, bias, acc):
-        return p_into(x, a, b, wdw, wpw, bias, acc)
+    def sep_into(x, a, b, wdw, wpw, bias, acc_scale, acc):
+        return p_into(x, a, b, wdw, wpw, bias, acc_scale, acc)
 
     @sep_into.def_vmap
-    def _into_rule(axis_size, in_batched, x, a, b, wdw, wpw, bias, acc):
+    def _into_rule(axis_size, in_batched, x, a, b, wdw, wpw, bias, acc_scale, acc):
         xb, *wbs, ab = in_batched
-        ws = _weights_rule(axis_size, wbs, (a, b, wdw, wpw, bias), per_element=False)
+        ws = _weights_rule(axis_size, wbs, (a, b, wdw, wpw, bias, acc_scale), per_element=False)
         out = sep_into(_fold(axis_size, xb, x), *ws, _fold(axis_size, ab, acc))
         return _unfold(axis_size, out), True
 
@@ -588,6 +590,120 @@ def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: 
         return tuple(_unfold(axis_size, o) for o in outs), (True,) * 6
 
     return sep_into, sep_bwd_slice, sep_bwd_acc
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_into_sums_op(d: int, isa: int, threads: int, slope: float | None, offset: int):
+    """custom_vmap-wrapped `crnet_separable_fwd_into_sums` (see `_ffi_slice_ops`):
+
+      op(x, a, b, wdw, wpw, bias, acc_scale, acc (N,H,W,L)) -> (out (N,H,W,L), sum (N,Co), sumsq (N,Co)):
+          sep_into's result, and per image the sums over (H, W) of its channels
+          [offset, offset + Co) and of their squares (the values written, in float32)
+
+    All float32.
+    """
+    attrs = dict(
+        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
+        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
+        offset=np.int64(offset),
+    )
+    f32 = jnp.float32
+
+    def raw(x, a, b, wdw, wpw, bias, acc_scale, acc):
+        sums = jax.ShapeDtypeStruct((acc.shape[0], wpw.shape[2]), f32)
+        call = jax.ffi.ffi_call("crnet_separable_fwd_into_sums", (jax.ShapeDtypeStruct(acc.shape, f32), sums, sums),
+                                input_output_aliases={7: 0})
+        return tuple(call(x, a, b, wdw, wpw, bias, acc_scale, acc, **attrs))
+
+    partitioned = _batch_partitioned(
+        raw, "bwwwwwwb", "bbb", "n h w c, g c, g c, g k l c, g c o, g o, g o, n h w m -> n h w m, n o, n o")
+
+    @jax.custom_batching.custom_vmap
+    def op(x, a, b, wdw, wpw, bias, acc_scale, acc):
+        return tuple(partitioned(x, a, b, wdw, wpw, bias, acc_scale, acc))
+
+    @op.def_vmap
+    def _rule(axis_size, in_batched, x, a, b, wdw, wpw, bias, acc_scale, acc):
+        xb, *wbs, ab = in_batched
+        ws = _weights_rule(axis_size, wbs, (a, b, wdw, wpw, bias, acc_scale), per_element=False)
+        outs = op(_fold(axis_size, xb, x), *ws, _fold(axis_size, ab, acc))
+        return tuple(_unfold(axis_size, o) for o in outs), (True,) * 3
+
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_bn_bwd_ops(d: int, isa: int, threads: int, slope: float | None):
+    """custom_vmap-wrapped separable backward of a convolution whose output y also feeds a
+    BatchNorm's batch moments (see `_ffi_sep_ops` for the weights):
+
+      bwd_bn(x, a, b, wdw, wpw, dout, y (N,H,W,Co), c1 (Co,), c2 (Co,))
+          -> sep_bwd(x, a, b, wdw, wpw, dout + c1 + c2 * y), the sum formed by the kernel as
+          it reads dout (no pass of its own over the three tensors)
+      bwd_bn_acc(..., dx_in) -> as bwd_bn with dx_in + dx (in place: dx aliases dx_in)
+
+    Under vmap with per-element c1, c2 (the usual case: they come from per-element
+    moments) the sum is formed by XLA and the plain backward runs. All float32.
+    """
+    attrs = dict(
+        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
+        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
+        offset=np.int64(0),
+    )
+    f32 = jnp.float32
+
+    def grad_shapes(x, a, b, wdw, wpw):
+        return tuple(jax.ShapeDtypeStruct(s, f32) for s in (
+            x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
+
+    def raw_bn(x, a, b, wdw, wpw, dout, y, c1, c2):
+        call = jax.ffi.ffi_call("crnet_separable_bwd_bn", grad_shapes(x, a, b, wdw, wpw))
+        return tuple(call(x, a, b, wdw, wpw, dout, y, c1, c2, **attrs))
+
+    def raw_bn_acc(x, a, b, wdw, wpw, dout, y, c1, c2, dx_in):
+        call = jax.ffi.ffi_call("crnet_separable_bwd_bn_acc", grad_shapes(x, a, b, wdw, wpw),
+                                input_output_aliases={9: 0})
+        return tuple(call(x, a, b, wdw, wpw, dout, y, c1, c2, dx_in, **attrs))
+
+    ins = "n h w c, g c, g c, g k l c, g c o, n h w o, n h w o, o, o"
+    grads = "n h w c, g c, g c, g k l c, g c o, g o"
+    p_bn = _batch_partitioned(raw_bn, "bwwwwbbvv", "brrrrr", f"{ins} -> {grads}")
+    p_bn_acc = _batch_partitioned(raw_bn_acc, "bwwwwbbvvb", "brrrrr", f"{ins}, n h w c -> {grads}")
+    sep_bwd = _ffi_sep_ops(d, isa, threads, slope)[1]
+    sep_bwd_acc = _ffi_slice_ops(d, isa, threads, slope, 0)[2]
+
+    def summed(x, a, b, wdw, wpw, dout, y, c1, c2, *dx_in):
+        g = dout + c1 + c2 * y
+        return sep_bwd_acc(x, a, b, wdw, wpw, g, *dx_in) if dx_in else sep_bwd(x, a, b, wdw, wpw, g)
+
+    def rule(op, axis_size, in_batched, args):
+        x, a, b, wdw, wpw, dout, y, c1, c2, *dx_in = args
+        if in_batched[7] or in_batched[8]:
+            axes = tuple(0 if t else None for t in in_batched)
+            return tuple(jax.vmap(summed, in_axes=axes)(*args)), (True,) * 6
+        xb, ab, bb, wb, pb, gb, yb, _, _, *ib = in_batched
+        ws = _weights_rule(axis_size, (ab, bb, wb, pb), (a, b, wdw, wpw), per_element=True)
+        rest = [_fold(axis_size, ib[0], dx_in[0])] if dx_in else []
+        outs = op(_fold(axis_size, xb, x), *ws, _fold(axis_size, gb, dout), _fold(axis_size, yb, y), c1, c2, *rest)
+        return tuple(_unfold(axis_size, o) for o in outs), (True,) * 6
+
+    @jax.custom_batching.custom_vmap
+    def bwd_bn(x, a, b, wdw, wpw, dout, y, c1, c2):
+        return tuple(p_bn(x, a, b, wdw, wpw, dout, y, c1, c2))
+
+    @bwd_bn.def_vmap
+    def _bn_rule(axis_size, in_batched, *args):
+        return rule(bwd_bn, axis_size, in_batched, args)
+
+    @jax.custom_batching.custom_vmap
+    def bwd_bn_acc(x, a, b, wdw, wpw, dout, y, c1, c2, dx_in):
+        return tuple(p_bn_acc(x, a, b, wdw, wpw, dout, y, c1, c2, dx_in))
+
+    @bwd_bn_acc.def_vmap
+    def _bn_acc_rule(axis_size, in_batched, *args):
+        return rule(bwd_bn_acc, axis_size, in_batched, args)
+
+    return bwd_bn, bwd_bn_acc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -635,27 +751,37 @@ def _ffi_sep_bwd(d, isa, threads, slope, res, g):
 _ffi_sep.defvjp(_ffi_sep_fwd, _ffi_sep_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _ffi_sep_into(acc, x, a, b, wdw, wpw, bias, d: int, isa: int, threads: int, slope: float | None, offset: int):
-    sep_into = _ffi_slice_ops(d, isa, threads, slope, offset)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
+def _ffi_sep_into(acc, x, a, b, wdw, wpw, bias, acc_scale, d: int, isa: int, threads: int, slope: float | None,
+                  offset: int, sums: bool = False):
+    """-> out, or with sums (out, sum (B, Co), sumsq (B, Co)): the per-image sums of the
+    channels written and of their squares (float32, no gradient flows through them).
+    acc_scale (Co,): the slice of acc is scaled by it first; the gradient returned for acc
+    is the output's (see `separable_conv2d_into(deferred_scale=)`), acc_scale gets none."""
     f = jnp.float32
-    ws = (a, b, wdw, wpw, bias)
-    return sep_into(x.astype(f), *(w.astype(f)[None] for w in ws), acc.astype(f)).astype(acc.dtype)
+    args = (x.astype(f), *(w.astype(f)[None] for w in (a, b, wdw, wpw, bias, acc_scale)), acc.astype(f))
+    if sums:
+        out, s1, s2 = _ffi_into_sums_op(d, isa, threads, slope, offset)(*args)
+        return out.astype(acc.dtype), s1, s2
+    return _ffi_slice_ops(d, isa, threads, slope, offset)[0](*args).astype(acc.dtype)
 
 
-def _ffi_sep_into_fwd(acc, x, a, b, wdw, wpw, bias, d, isa, threads, slope, offset):
-    out = _ffi_sep_into(acc, x, a, b, wdw, wpw, bias, d, isa, threads, slope, offset)
-    return out, (x, a, b, wdw, wpw, bias)
+def _ffi_sep_into_fwd(acc, x, a, b, wdw, wpw, bias, acc_scale, d, isa, threads, slope, offset, sums):
+    out = _ffi_sep_into(acc, x, a, b, wdw, wpw, bias, acc_scale, d, isa, threads, slope, offset, sums)
+    return out, (x, a, b, wdw, wpw, bias, acc_scale)
 
 
-def _ffi_sep_into_bwd(d, isa, threads, slope, offset, res, g):
-    x, a, b, wdw, wpw, bias = res
+def _ffi_sep_into_bwd(d, isa, threads, slope, offset, sums, res, g):
+    if sums:  # the sums' cotangents are dropped: their consumer differentiates them itself
+        g = g[0]
+    x, a, b, wdw, wpw, bias, acc_scale = res
     sep_bwd_slice = _ffi_slice_ops(d, isa, threads, slope, offset)[1]
     f = jnp.float32
     dx, da, db, dwdw, dwpw, dbias = sep_bwd_slice(
         x.astype(f), *(w.astype(f)[None] for w in (a, b, wdw, wpw)), g.astype(f))
     return (g, dx.astype(x.dtype), da[0].astype(a.dtype), db[0].astype(b.dtype),
-            dwdw[0].astype(wdw.dtype), dwpw[0].astype(wpw.dtype), dbias[0].astype(bias.dtype))
+            dwdw[0].astype(wdw.dtype), dwpw[0].astype(wpw.dtype), dbias[0].astype(bias.dtype),
+            jnp.zeros_like(acc_scale))
 
 
 _ffi_sep_into.defvjp(_ffi_sep_into_fwd, _ffi_sep_into_bwd)
@@ -702,7 +828,8 @@ def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, moments, shortcut_grad, 
     """One input gradient for all the convolutions: the first backward call writes it, the
     others (the shortcut's last) add to it in place, instead of XLA summing separate
     full-size gradients. With moments, their cotangents join each output's:
-    d mean / dy = 1 / count and d mean_sq / dy = 2 y / count."""
+    d mean / dy = 1 / count and d mean_sq / dy = 2 y / count, added by the kernels as
+    they read the output's gradient (`_ffi_bn_bwd_ops`) for the separable convolutions."""
     x, a, b, weights, shortcut, ys = res
     f = jnp.float32
     xf, af, bf = x.astype(f), a.astype(f)[None], b.astype(f)[None]
@@ -719,7 +846,12 @@ def _ffi_sep_fanout_bwd(dilations, isa, threads, slope, moments, shortcut_grad, 
     dweights = []
     for i, ((wdw, wpw, bias), d) in enumerate(zip(weights, dilations)):
         ws = (wdw.astype(f)[None], wpw.astype(f)[None])
-        if dx is None:
+        if moments:
+            g, g1, g2 = gs[i]
+            bn = (g.astype(f), ys[i].astype(f), g1.astype(f) / count, 2.0 * g2.astype(f) / count)
+            bwd_bn, bwd_bn_acc = _ffi_bn_bwd_ops(d, isa, threads, slope)
+            outs = bwd_bn(xf, af, bf, *ws, *bn) if dx is None else bwd_bn_acc(xf, af, bf, *ws, *bn, dx)
+        elif dx is None:
             outs = _ffi_sep_ops(d, isa, threads, slope)[1](xf, af, bf, *ws, cotangent(i))
         else:
             outs = _ffi_slice_ops(d, isa, threads, slope, 0)[2](xf, af, bf, *ws, cotangent(i), dx)
@@ -907,7 +1039,9 @@ def separable_conv2d_into(
     impl: str = "auto",
     *,
     prologue: tuple[jax.Array, jax.Array, float] | None = None,
-) -> jax.Array:
+    sums: bool = False,
+    deferred_scale: jax.Array | None = None,
+):
     """`acc` with channels [offset, offset + Cout) increased by `separable_conv2d(x, ...)`.
 
     Shapes: acc (B, H, W, L) with offset + Cout <= L, x (B, H, W, Cin) -> (B, H, W, L), dtype
@@ -915,6 +1049,20 @@ def separable_conv2d_into(
     concatenation: with impl "ffi" the kernel adds its result into the slice in place, and
     its backward reads the output gradient from that slice of the block's gradient instead
     of XLA copying the slice out. Values equal `acc.at[..., offset:offset + Cout].add(y)`.
+
+    sums: also return, per image, the sums over (H, W) of the result's channels
+    [offset, offset + Cout) and of their squares, float32 (B, Cout) each, with their
+    gradient stopped: `(out, sum, sumsq)`. With impl "ffi" the kernel sums the values as it
+    writes them (for a bfloat16 acc, before they are rounded to bfloat16): where this call
+    finishes those channels of a block's output, the next BatchNorm's batch moments come
+    without a pass over the output (`batch_moments_from_sums`).
+
+    deferred_scale (Cout,), impl "ffi" only: the slice of acc holds values still to be
+    scaled by it per channel (a BatchNorm's scale, its shift being in `bias`): the result's
+    slice is acc * deferred_scale + the convolution, and the gradient returned for acc is
+    the result's own, unscaled, for a caller whose differentiation of acc already stands
+    for the scaled tensor (`pointwise_batch_norm(deferred=True)`). The scaling costs no
+    pass of its own: the kernel applies it as it adds into the slice.
     """
     impl = default_implementation() if impl == "auto" else impl
     cin, cout = pointwise_kernel.shape
@@ -925,18 +1073,28 @@ def separable_conv2d_into(
             f"acc {acc.shape} must be (B, H, W, L) with the image size of x {x.shape} and "
             f"room for {cout} channels at offset {offset}")
     _check_prologue(prologue, cin)
+    if deferred_scale is not None and (impl != "ffi" or deferred_scale.shape != (cout,)):
+        raise ValueError(f"deferred_scale must have shape ({cout},) and needs impl 'ffi' (got "
+                         f"{deferred_scale.shape}, {impl!r})")
     if impl == "ffi":
         d = _ffi_ready(x, depthwise_kernel, dilation)
         b = jnp.zeros((cout,), pointwise_kernel.dtype) if bias is None else bias
+        acc_scale = jnp.ones((cout,), jnp.float32) if deferred_scale is None else lax.stop_gradient(deferred_scale)
         if prologue is None:
             one = jnp.ones((cin,), jnp.float32)
-            args = (one, one, depthwise_kernel, pointwise_kernel, b, d, _isa_code(None), 0, None)
+            args = (one, one, depthwise_kernel, pointwise_kernel, b, acc_scale, d, _isa_code(None), 0, None)
         else:
             scale, shift, slope = prologue
-            args = (scale, shift, depthwise_kernel, pointwise_kernel, b, d, _isa_code(None), 0, float(slope))
-        return _ffi_sep_into(acc, x, *args, int(offset))
+            args = (scale, shift, depthwise_kernel, pointwise_kernel, b, acc_scale, d, _isa_code(None), 0,
+                    float(slope))
+        out = _ffi_sep_into(acc, x, *args, int(offset), bool(sums))
+        return (out[0], *(lax.stop_gradient(t) for t in out[1:])) if sums else out
     y = separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias, dilation, impl, prologue=prologue)
-    return acc.at[..., offset : offset + cout].add(y.astype(acc.dtype))
+    out = acc.at[..., offset : offset + cout].add(y.astype(acc.dtype))
+    if not sums:
+        return out
+    part = lax.stop_gradient(out[..., offset : offset + cout].astype(jnp.float32))
+    return out, jnp.sum(part, axis=(1, 2)), jnp.sum(jnp.square(part), axis=(1, 2))
 
 
 def batch_moments(y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -944,6 +1102,33 @@ def batch_moments(y: jax.Array) -> tuple[jax.Array, jax.Array]:
     statistics of a BatchNorm over channels."""
     yf, axes = y.astype(jnp.float32), tuple(range(y.ndim - 1))
     return jnp.mean(yf, axes), jnp.mean(jnp.square(yf), axes)
+
+
+@jax.custom_vjp
+def batch_moments_from_sums(y: jax.Array, sums: jax.Array, sums_sq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`batch_moments(y)` from y's per-image sums: sums (B, C) over (H, W) of y and sums_sq of
+    y**2 (float32, as `separable_conv2d_into(sums=True)` returns them, scaled per image and
+    channel by whatever scaled y since, e.g. a spatial dropout's mask and its square) ->
+    (E[y], E[y**2]) over (B, H, W), float32 (C,) each. No pass over y: y is read only by the
+    gradient, which is that of `batch_moments(y)` (d mean / dy = 1 / count, d mean_sq / dy =
+    2 y / count); sums and sums_sq get none."""
+    count = np.float32(np.prod(y.shape[:-1]))
+    return jnp.sum(sums, axis=0) / count, jnp.sum(sums_sq, axis=0) / count
+
+
+def _moments_from_sums_fwd(y, sums, sums_sq):
+    return batch_moments_from_sums(y, sums, sums_sq), (y, sums, sums_sq)
+
+
+def _moments_from_sums_bwd(res, g):
+    y, sums, sums_sq = res
+    g1, g2 = g
+    count = np.float32(np.prod(y.shape[:-1]))
+    dy = g1 / count + y.astype(jnp.float32) * (2.0 * g2 / count)
+    return dy.astype(y.dtype), jnp.zeros_like(sums), jnp.zeros_like(sums_sq)
+
+
+batch_moments_from_sums.defvjp(_moments_from_sums_fwd, _moments_from_sums_bwd)
 
 
 def stop_shortcut_gradient(outs: list, stop: bool) -> list:

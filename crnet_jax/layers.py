@@ -91,15 +91,17 @@ class SeparableAtrousConv(nnx.Module):
 
     def into(self, acc: jax.Array, offset: int, x: jax.Array,
              prologue: tuple[jax.Array, jax.Array, float] | None = None,
-             extra_bias: jax.Array | None = None) -> jax.Array:
+             extra_bias: jax.Array | None = None, sums: bool = False,
+             deferred_scale: jax.Array | None = None):
         """acc (B, H, W, L) with channels [offset, offset + Cout) increased by self(x, prologue)
         (+ extra_bias (Cout,) if given); in place in the C++ kernels (see
-        `separable_conv2d_into`)."""
+        `separable_conv2d_into`). sums: (out, per-image sums (B, Cout) of those channels of
+        out, and of their squares), as there; deferred_scale: as there."""
         dwk, pwk, bias, dilation = self._weights()
         if extra_bias is not None:
             bias = bias + extra_bias.astype(self.dtype)
         return separable_conv2d_into(acc, offset, x.astype(self.dtype), dwk, pwk, bias, dilation, impl=self.impl,
-                                     prologue=prologue)
+                                     prologue=prologue, sums=sums, deferred_scale=deferred_scale)
 
 
 def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,

@@ -5,6 +5,9 @@ Without LSTM blocks (the authors' lung network, CXR-Net Module_1):
 With m >= 1 LSTM RES blocks (the authors' microscopy network):
     STEM -> dropout -> (CONV RES -> dropout) x num_conv_res -> LSTM RES x m -> softmax
 Dropout is SpatialDropout2D, active only in training mode (`model.train()` / `model.eval()`).
+In training each block hands the next its output's per-image channel sums (taken by its
+kernels as they write it) for the next pre-activation BatchNorm's moments: see
+`ResidualBlock.forward`.
 """
 from __future__ import annotations
 
@@ -111,27 +114,46 @@ def _in_training(block: nnx.Module) -> bool:
     return False
 
 
-def _apply(block: nnx.Module, x: jax.Array, remat: bool | str) -> jax.Array:
+def _apply(block: nnx.Module, x: jax.Array, remat: bool | str, sums=None, want_sums: bool = False):
     """Call a block; with remat (training mode only) only its input is kept for the backward pass, which recomputes
     the block's activations (`recompute_in_backward` over the block as a pure function of its
     state; the updated non-parameter state, BatchNorm statistics and RNG counts, is written
     back to the module afterwards). remat "branches": a residual block runs as it is, since
     in training it keeps only its input and its branches' first convolutions (its shortcut's
     backward needs nothing else, `crnet_jax.pointwise_bn`): there is nothing cheap left to
-    recompute; other blocks (LSTM RES) as True."""
-    if not remat or not _in_training(block):
-        return block(x)
-    if remat == "branches" and isinstance(block, ResidualBlock):
-        return block(x)
+    recompute; other blocks (LSTM RES) as True.
+
+    Returns (y, per-image sums of y or None): a residual block takes its input's sums
+    and, with want_sums, returns its output's (`ResidualBlock.forward`)."""
+    residual = isinstance(block, ResidualBlock)
+
+    def run(b, x, sums):
+        return b.forward(x, sums, want_sums) if residual else (b(x), None)
+
+    if not remat or not _in_training(block) or (remat == "branches" and residual):
+        return run(block, x, sums)
     graphdef, state = nnx.split(block)
 
-    def pure(state, x):
+    def pure(state, x, sums):
         b = nnx.merge(graphdef, state, copy=True)
-        return b(x), nnx.state(b, nnx.Not(nnx.Param))
+        return run(b, x, sums), nnx.state(b, nnx.Not(nnx.Param))
 
-    y, new_state = recompute_in_backward(pure, state, x)
+    out, new_state = recompute_in_backward(pure, state, x, sums)
     nnx.update(block, new_state)
-    return y
+    return out
+
+
+def _spatial_dropout(dropout: nnx.Dropout, y: jax.Array, sums):
+    """dropout(y) and, given y's per-image sums (sum, sum of squares), (B, C) each, those of
+    the result: the channel mask (scaled by 1 / keep) that dropout(y) draws, drawn as
+    dropout(ones (B, 1, 1, C)) (same key, same shape), multiplies y and the sums (its square
+    the sums of squares)."""
+    if sums is None or dropout.deterministic or dropout.rate == 0.0:
+        return dropout(y), sums
+    b, c = y.shape[0], y.shape[-1]
+    mask = dropout(jnp.ones((b, 1, 1, c), y.dtype))
+    m = mask.reshape(b, c).astype(jnp.float32)
+    return y * mask, (sums[0] * m, sums[1] * (m * m))
 
 
 class ResCRNet(nnx.Module):
@@ -162,13 +184,15 @@ class ResCRNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         remat = self.cfg.remat
         blocks: list[ResidualBlock] = [self.stem, *self.conv_res]
-        y = x
+        y, sums = x, None
         for i, block in enumerate(blocks):
-            y = _apply(block, y, remat)
+            # a CONV RES block next: its pre-activation's moments from this output's sums
+            want = i + 1 < len(blocks) and blocks[i + 1].pre_bn is not None
+            y, sums = _apply(block, y, remat, sums, want)
             if i < len(self.dropouts):
-                y = self.dropouts[i](y)
+                y, sums = _spatial_dropout(self.dropouts[i], y, sums)
         for block in self.lstm_res:
-            y = _apply(block, y, remat)
+            y, _ = _apply(block, y, remat)
         if self.head is not None:
             y = self.head(y)
         return jax.nn.softmax(y.astype(jnp.float32), axis=-1)

@@ -130,21 +130,23 @@ def _conv_with_moments(x, kernel, bias, use_ffi: bool):
     return y, jnp.mean(yf, axes), jnp.mean(jnp.square(yf), axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _pointwise_bn(x, kernel, bias, gamma, beta, computed, epsilon: float, use_ffi: bool):
-    return _pointwise_bn_fwd(x, kernel, bias, gamma, beta, computed, epsilon, use_ffi)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _pointwise_bn(x, kernel, bias, gamma, beta, computed, epsilon: float, use_ffi: bool, deferred: bool):
+    """-> (out, mean, var, scale, shift); deferred: out is y itself, its cotangent that of
+    scale * y + shift (see `pointwise_batch_norm`); scale and shift get no gradient."""
+    return _pointwise_bn_fwd(x, kernel, bias, gamma, beta, computed, epsilon, use_ffi, deferred)[0]
 
 
-def _pointwise_bn_fwd(x, kernel, bias, gamma, beta, computed, epsilon, use_ffi):
+def _pointwise_bn_fwd(x, kernel, bias, gamma, beta, computed, epsilon, use_ffi, deferred):
     y, mean, mean_sq = computed if computed is not None else _conv_with_moments(x, kernel, bias, use_ffi)
     scale, shift, mean, var = _scale_shift(mean, mean_sq, gamma.astype(f32), beta.astype(f32), epsilon)
-    out = (y.astype(f32) * scale + shift).astype(x.dtype)
-    return (out, mean, var), (x, kernel, bias, gamma, beta, mean, mean_sq)
+    out = y.astype(x.dtype) if deferred else (y.astype(f32) * scale + shift).astype(x.dtype)
+    return (out, mean, var, scale, shift), (x, kernel, bias, gamma, beta, mean, mean_sq)
 
 
-def _pointwise_bn_bwd(epsilon, use_ffi, res, cts):
+def _pointwise_bn_bwd(epsilon, use_ffi, deferred, res, cts):
     x, kernel, bias, gamma, beta, mean, mean_sq = res
-    dout, dmean_out, dvar_out = cts
+    dout, dmean_out, dvar_out = cts[:3]
     n = np.float32(np.prod(x.shape[:-1]))
     w, b = kernel.astype(f32), bias.astype(f32)
     isa = _isa_code(None)
@@ -187,7 +189,8 @@ def pointwise_batch_norm(
     epsilon: float,
     impl: str = "auto",
     computed: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    deferred: bool = False,
+) -> tuple:
     """BatchNorm on batch statistics of a 1 x 1 convolution: (out, mean, var).
 
     x (..., C) -> out (..., L) = gamma (y - mean) / sqrt(var + epsilon) + beta in x.dtype,
@@ -200,6 +203,11 @@ def pointwise_batch_norm(
     computed: (y, E[y], E[y^2]) when the caller has them already (a residual block's
     fan-out computes the convolution in its pass over x): values only, their own
     gradients are ignored; this function's gradients are the whole ones.
+    deferred: (y, mean, var, scale, shift) with out = scale * y + shift (scale, shift (L,)
+    float32) left to the caller to form where it reads y anyway (a residual block's
+    branch kernels, `separable_conv2d_into(deferred_scale=)`): y's cotangent is taken as
+    out's, so the caller must differentiate as if y were out; scale and shift carry no
+    gradient of their own (theirs is in y's).
     """
     if kernel.ndim != 2 or kernel.shape[0] != x.shape[-1] or bias.shape != kernel.shape[1:]:
         raise ValueError(f"kernel must be ({x.shape[-1]}, L) and bias (L,), got {kernel.shape} and {bias.shape}")
@@ -213,4 +221,7 @@ def pointwise_batch_norm(
             raise ValueError(f"computed (y, mean, mean_sq) must have shapes {(*x.shape[:-1], kernel.shape[1])}, "
                              f"{bias.shape}, {bias.shape}; got {y.shape}, {mean.shape}, {mean_sq.shape}")
         computed = jax.lax.stop_gradient((y.astype(x.dtype), mean.astype(f32), mean_sq.astype(f32)))
-    return _pointwise_bn(x, kernel, bias, gamma, beta, computed, float(epsilon), use_ffi)
+    outs = _pointwise_bn(x, kernel, bias, gamma, beta, computed, float(epsilon), use_ffi, bool(deferred))
+    if deferred:
+        return (*outs[:3], *(jax.lax.stop_gradient(t) for t in outs[3:]))
+    return outs[:3]

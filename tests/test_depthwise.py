@@ -420,10 +420,61 @@ def test_separable_fanout_moments(impl, case):
         y64 = np.asarray(wy, np.float64)
         _close(m, y64.mean(axis=(0, 1, 2)), 2e-5, "mean")
         _close(q, (y64 ** 2).mean(axis=(0, 1, 2)), 2e-5, "mean_sq")
-    got = jax.jit(jax.grad(lambda *a: f(impl, *a)[0], argnums=(0, 1, 2, 3)))(x, a, sh, convs)
+    grad = jax.jit(jax.grad(lambda *a: f(impl, *a)[0], argnums=(0, 1, 2, 3)))
+    got = grad(x, a, sh, convs)
     want = jax.jit(jax.grad(lambda *a: f("xla", *a)[0], argnums=(0, 1, 2, 3)))(x, a, sh, convs)
     for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         _close(gl, wl, 2e-5, "grad")
+    if impl == "ffi":  # the moments' cotangents are added by the backward kernels as they read dout
+        hlo = grad.lower(x, a, sh, convs).as_text()
+        assert hlo.count("crnet_separable_bwd_bn") == len(kds), hlo.count("crnet_separable_bwd_bn")
+
+
+@needs_ffi
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("case", [
+    (2, 11, 300, 48, 16, 7, 5, True),   # a CONV RES block's widest first convolution; column strips
+    (1, 9, 13, 16, 16, 3, 1, True),
+    (2, 8, 9, 1, 12, 5, 3, False),      # the STEM's (one channel in, no prologue; Co not a vector multiple)
+], ids=["48-16-k7d5", "16-16-k3d1", "1-12-k5d3"])
+def test_separable_backward_adds_moments_cotangent(isa, case):
+    """crnet_separable_bwd_bn[_acc]: the backward of a convolution whose output y feeds
+    BatchNorm moments reads its output gradient as dout + c1 + c2 * y; equal to the plain
+    backward given that sum, written or accumulated into dx, directly, under vmap with
+    shared c1, c2 (folded into the batch) and with per-element ones (the sum formed by XLA)."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    b, h, w_, cin, cout, k, d, pre = case
+    keys = np.random.default_rng(11 + cin + k)
+    x = _rand(keys, (b, h, w_, cin))
+    a, sh = (1.0 + 0.5 * _rand(keys, (1, cin)), 0.3 * _rand(keys, (1, cin)))
+    wdw, wpw = _rand(keys, (1, k, k, cin)), _rand(keys, (1, cin, cout)) / np.sqrt(cin)
+    dout, y, dx_in = _rand(keys, (b, h, w_, cout)), _rand(keys, (b, h, w_, cout)), _rand(keys, (b, h, w_, cin))
+    c1, c2 = _rand(keys, (cout,)), _rand(keys, (cout,))
+    code = dw._isa_code(isa)
+    slope = 0.1 if pre else None
+    bwd_bn, bwd_bn_acc = dw._ffi_bn_bwd_ops(d, code, 0, slope)
+    plain = dw._ffi_sep_ops(d, code, 0, slope)[1]
+    plain_acc = dw._ffi_slice_ops(d, code, 0, slope, 0)[2]
+    g = dout + c1 + c2 * y
+    got = jax.jit(bwd_bn)(x, a, sh, wdw, wpw, dout, y, c1, c2)
+    want = jax.jit(plain)(x, a, sh, wdw, wpw, g)
+    for name, gl, wl in zip(["dx", "da", "db", "dwdw", "dwpw", "dbias"], got, want):
+        _close(gl, wl, 1e-5, name)
+    got = jax.jit(bwd_bn_acc)(x, a, sh, wdw, wpw, dout, y, c1, c2, dx_in)
+    want = jax.jit(plain_acc)(x, a, sh, wdw, wpw, g, dx_in)
+    for name, gl, wl in zip(["dx (acc)", "da", "db", "dwdw", "dwpw", "dbias"], got, want):
+        _close(gl, wl, 1e-5, name)
+    xs, ds, ys = jnp.stack([x, -x]), jnp.stack([dout, 0.5 * dout]), jnp.stack([y, 2.0 * y])
+    cs = (jnp.stack([c1, c2]), jnp.stack([c2, c1]))
+    for c_axes, (u, v) in (((None, None), (c1, c2)), ((0, 0), cs)):
+        axes = (0, None, None, None, None, 0, 0, *c_axes)
+        got = jax.jit(jax.vmap(bwd_bn, in_axes=axes))(xs, a, sh, wdw, wpw, ds, ys, u, v)
+        want = jax.vmap(lambda x, dout, y, u, v: plain(x, a, sh, wdw, wpw, dout + u + v * y),
+                        in_axes=(0, 0, 0, *c_axes))(xs, ds, ys, u, v)
+        for name, gl, wl in zip(["dx", "da", "db", "dwdw", "dwpw", "dbias"], got, want):
+            assert gl.shape == wl.shape, name
+            _close(gl, wl, 1e-5, f"vmap {c_axes} {name}")
 
 
 # (B, H, W, Cin, (k, d) per separable convolution, prologue): a CONV RES block's fan-out,
@@ -539,6 +590,23 @@ def test_separable_fanout_with_shortcut_sharded():
         _close(gl, wl, 2e-5)
     hlo = fs.lower(jax.device_put(x, data)).compile().as_text()
     assert "all-gather(" not in hlo and "all-reduce(" in hlo
+    # the backward (the moments' cotangents added by the kernels) per device, weight
+    # gradients summed over devices
+    cts = [_rand(keys, (2 * n, 10, 12, c)) for c in (8, 8, 24)]
+
+    def loss(impl, x, convs):
+        outs = dw.separable_conv2d_fanout(x, convs, impl, prologue=pro, moments=True, shortcut=sc)
+        return sum(jnp.sum(y * ct) + 3.0 * jnp.sum(m * m) - jnp.sum(q) for (y, m, q), ct in zip(outs, cts))
+
+    grad = jax.jit(jax.grad(lambda x, w: loss("ffi", x, [(*c, d) for c, d in zip(w, (1, 3))]), (0, 1)),
+                   in_shardings=(data, None))
+    ws = [c[:3] for c in convs]
+    got = grad(jax.device_put(x, data), ws)
+    want = jax.grad(lambda x, w: loss("xla", x, [(*c, d) for c, d in zip(w, (1, 3))]), (0, 1))(x, ws)
+    for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _close(gl, wl, 5e-5, "gradients")
+    hlo = grad.lower(jax.device_put(x, data), ws).compile().as_text()
+    assert "all-gather(" not in hlo and "crnet_separable_bwd_bn" in hlo
 
 
 @needs_ffi
@@ -550,6 +618,7 @@ def test_separable_fanout_and_into_other_instruction_sets(isa, monkeypatch):
     monkeypatch.setenv("CRNET_DEPTHWISE_ISA", isa)
     for case in SLICE_CASES:
         test_separable_fanout_and_into_match_composition("ffi", case)
+        test_separable_into_sums("ffi", case)
 
 
 @needs_ffi
@@ -597,6 +666,106 @@ def test_separable_into_vmap_sharded_and_bad_shapes():
         dw.separable_conv2d_into(acc[0], 13, x[0], wd, wp, bb, d, "ffi")
     with pytest.raises(ValueError, match="does not match 16 input channels"):
         dw.separable_conv2d_fanout(x[0], [(wd, wp[:3], bb, d)], "ffi")
+
+
+@pytest.mark.parametrize("impl", [pytest.param("ffi", marks=needs_ffi), "shift"])
+@pytest.mark.parametrize("case", SLICE_CASES, ids=["block", "odd-offsets", "stem-like", "shortcut"])
+def test_separable_into_sums(impl, case):
+    """sums=True: the same result, and per image the sums over (H, W) of the slice's channels
+    as written (acc + the convolution) and of their squares, against NumPy in float64;
+    gradients unchanged and none through the sums; under vmap (per mapped element and image)."""
+    b, h, w_, cin, cout, kds, width, offsets, pre, _ = case
+    keys = np.random.default_rng(23 + cin)
+    x, acc = _rand(keys, (b, h, w_, cin)), _rand(keys, (b, h, w_, width))
+    (k, d), off = kds[0], offsets[0]
+    wd, wp, bb = _rand(keys, (k, k, cin)), _rand(keys, (cin, cout)) / np.sqrt(cin), _rand(keys, (cout,))
+    pro = (1.0 + 0.5 * _rand(keys, (cin,)), 0.3 * _rand(keys, (cin,)), 0.1) if pre else None
+
+    def f(impl, x, acc, sums):
+        return dw.separable_conv2d_into(acc, off, x, wd, wp, bb, d, impl, prologue=pro, sums=sums)
+
+    out, s1, s2 = jax.jit(lambda x, acc: f(impl, x, acc, True))(x, acc)
+    _close(out, f("xla", x, acc, False), 2e-5, "out")
+    part = np.asarray(out, np.float64)[..., off : off + cout]
+    assert s1.shape == s2.shape == (b, cout) and s1.dtype == jnp.float32
+    _close(s1, part.sum(axis=(1, 2)), 2e-5, "sum")
+    _close(s2, (part ** 2).sum(axis=(1, 2)), 2e-5, "sum of squares")
+    ct = _rand(keys, (b, h, w_, width))
+
+    def loss(x, acc, sums):
+        r = f(impl, x, acc, sums)
+        return jnp.sum((r[0] if sums else r) * ct) + (jnp.sum(r[1]) + jnp.sum(r[2]) if sums else 0.0)
+
+    got = jax.jit(jax.grad(lambda x, acc: loss(x, acc, True), (0, 1)))(x, acc)
+    want = jax.jit(jax.grad(lambda x, acc: loss(x, acc, False), (0, 1)))(x, acc)
+    for gl, wl in zip(got, want):
+        _close(gl, wl, 1e-5, "gradients")
+    xs, accs = jnp.stack([x, -0.5 * x]), jnp.stack([acc, acc + 1.0])
+    vout, v1, v2 = jax.jit(jax.vmap(lambda x, acc: f(impl, x, acc, True)))(xs, accs)
+    for i in range(2):
+        o, t1, t2 = f(impl, xs[i], accs[i], True)
+        _close(vout[i], o, 2e-5, "vmap out")
+        _close(v1[i], t1, 2e-5, "vmap sum")
+        _close(v2[i], t2, 2e-5, "vmap sum of squares")
+
+
+@needs_ffi
+def test_separable_into_deferred_scale():
+    """deferred_scale: the slice of acc is scaled per channel before the convolution is
+    added (other channels untouched), with and without sums; the gradient returned for acc
+    is the result's own (the caller's differentiation stands for the scaled acc), the other
+    gradients unchanged; refused for other implementations or a wrong shape."""
+    b, h, w_, cin, cout, kds, width, offsets, pre, _ = SLICE_CASES[1]
+    keys = np.random.default_rng(37)
+    x, acc = _rand(keys, (b, h, w_, cin)), _rand(keys, (b, h, w_, width))
+    (k, d), off = kds[0], offsets[0]
+    wd, wp, bb = _rand(keys, (k, k, cin)), _rand(keys, (cin, cout)) / np.sqrt(cin), _rand(keys, (cout,))
+    pro = (1.0 + 0.5 * _rand(keys, (cin,)), 0.3 * _rand(keys, (cin,)), 0.1)
+    s = 1.0 + 0.5 * _rand(keys, (cout,))
+    scaled = acc.at[..., off : off + cout].multiply(s)
+
+    def f(acc, x, deferred, sums=False):
+        return dw.separable_conv2d_into(acc, off, x, wd, wp, bb, d, "ffi", prologue=pro, sums=sums,
+                                        deferred_scale=s if deferred else None)
+
+    want = f(scaled, x, False)
+    _close(jax.jit(lambda a, x: f(a, x, True))(acc, x), want, 2e-5, "value")
+    out, s1, _ = jax.jit(lambda a, x: f(a, x, True, True))(acc, x)
+    _close(out, want, 2e-5, "value with sums")
+    _close(s1, np.asarray(want, np.float64)[..., off : off + cout].sum(axis=(1, 2)), 2e-5, "sums")
+    ct = _rand(keys, (b, h, w_, width))
+    got = jax.grad(lambda a, x: jnp.sum(f(a, x, True) * ct), (0, 1))(acc, x)
+    want = jax.grad(lambda a, x: jnp.sum(f(a, x, False) * ct), (0, 1))(scaled, x)
+    _close(got[0], want[0], 1e-6, "d acc")
+    _close(got[1], want[1], 1e-5, "dx")
+    with pytest.raises(ValueError, match="deferred_scale"):
+        dw.separable_conv2d_into(acc, off, x, wd, wp, bb, d, "xla", prologue=pro, deferred_scale=s)
+    with pytest.raises(ValueError, match="deferred_scale"):
+        dw.separable_conv2d_into(acc, off, x, wd, wp, bb, d, "ffi", prologue=pro, deferred_scale=s[:3])
+
+
+def test_batch_moments_from_sums():
+    """Moments from per-image sums (scaled per image and channel, as by a dropout mask):
+    the values and the gradient with respect to y of `batch_moments(y)`."""
+    keys = np.random.default_rng(31)
+    y = _rand(keys, (3, 5, 7, 6))
+    m = jnp.asarray(keys.choice([0.0, 1.25], size=(3, 6)).astype(np.float32))
+    ym = y * m[:, None, None, :]
+    s1 = jnp.sum(y, axis=(1, 2)) * m
+    s2 = jnp.sum(y * y, axis=(1, 2)) * m * m
+    u, v = _rand(keys, (6,)), _rand(keys, (6,))
+
+    def loss(moments):
+        mean, mean_sq = moments
+        return jnp.dot(mean, u) + jnp.dot(mean_sq, v) + jnp.sum(mean_sq * mean)
+
+    got = dw.batch_moments_from_sums(ym, s1, s2)
+    want = dw.batch_moments(ym)
+    for gl, wl in zip(got, want):
+        _close(gl, wl, 1e-6, "moments")
+    g_got = jax.grad(lambda t: loss(dw.batch_moments_from_sums(t, s1, s2)))(ym)
+    g_want = jax.grad(lambda t: loss(dw.batch_moments(t)))(ym)
+    _close(g_got, g_want, 1e-6, "gradient")
 
 
 @needs_ffi

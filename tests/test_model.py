@@ -183,6 +183,39 @@ def test_batchnorm_updates_statistics_in_training_only():
     assert np.abs(m1 - m0).max() > 0
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_moments_from_the_previous_blocks_sums(dropout):
+    """In training with the C++ kernels a CONV RES block's pre-activation moments come from
+    the per-image sums the previous block's kernels take as they write its output (scaled
+    by the dropout mask between them) instead of a reduction over its input: same loss,
+    gradients and BatchNorm statistics as the composition that reduces the input itself
+    (impl "shift": plain dropout, `batch_moments`), the same dropout masks, and the kernels
+    that sum are the ones in the step."""
+    from crnet_jax import _ffi
+
+    if not _ffi.available():
+        pytest.skip("C++ FFI extension not built")
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 20, 1))
+    results, hlos = [], []
+    for impl in ("ffi", "shift"):
+        model = ResCRNet(lung_config(num_conv_res=2, depthwise_impl=impl, dropout_rate=dropout), rngs=nnx.Rngs(0))
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p, rest):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            y = m(x)
+            return jnp.mean(y[..., 0] ** 2) + jnp.mean(y[..., 1]), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        results.append(step(params, rest))
+        hlos.append(step.lower(params, rest).as_text())
+    chex.assert_trees_all_close(results[0], results[1], atol=2e-5, rtol=2e-4)
+    # the STEM and the first CONV RES block feed a CONV RES block: 3 branches each sum
+    assert hlos[0].count("crnet_separable_fwd_into_sums") == 6, hlos[0].count("crnet_separable_fwd_into_sums")
+    assert "crnet_separable_fwd_into_sums" not in hlos[1]
+
+
 @pytest.mark.parametrize("training, dropout", [(False, 0.0), (True, 0.0), (True, 0.3)])
 def test_remat_gives_same_values_gradients_and_statistics(training, dropout):
     """remat True (block input kept) and "branches" (the branches' first convolutions kept

@@ -115,6 +115,29 @@ def test_computed_convolution_gives_the_same_values_and_gradients(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_deferred_scale_and_shift(impl):
+    """deferred=True: (y, mean, var, scale, shift) with scale * y + shift the output, and y's
+    cotangent taken as the output's: a loss on y differentiates as the same loss on the
+    output (so a caller that forms the output where it reads y keeps the whole gradient);
+    scale and shift carry none."""
+    args, cts = _inputs(19, (2, 7, 6), 48, 48)
+    y, mean, var, scale, shift = pointwise_batch_norm(*args, 1e-3, impl, deferred=True)
+    out, mean0, var0 = pointwise_batch_norm(*args, 1e-3, impl)
+    _close(y * scale + shift, out, 1e-5, "out")
+    _close(mean, mean0, 1e-6, "mean")
+    _close(var, var0, 1e-6, "var")
+
+    def deferred(*a):
+        y, mean, var, scale, shift = pointwise_batch_norm(*a, 1e-3, impl, deferred=True)
+        return y + 0.0 * (scale + shift), mean, var  # scale, shift used: no gradient through them
+
+    got = jax.jit(jax.grad(_loss(deferred, cts), argnums=range(5)))(*args)
+    want = jax.grad(_loss(lambda *a: pointwise_batch_norm(*a, 1e-3, impl), cts), argnums=range(5))(*args)
+    for g, w, what in zip(got, want, ["dx", "dkernel", "dbias", "dgamma", "dbeta"]):
+        _close(g, w, 1e-5, what)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bfloat16(impl):
     """bfloat16 x, kernel and bias (the compute dtype of a bfloat16 model): out in bfloat16,
     moments and gradients within bfloat16 rounding of the float32 reference."""

@@ -12,9 +12,13 @@
 //   crnet_separable_fwd_stats (x, a, b, wdw, wpw, bias)
 //                          -> out (N,H,W,Co), sum (G,Co), sumsq (G,Co): per group, the sums
 //                             over its images and pixels of out and of out^2 (BatchNorm moments)
-//   crnet_separable_fwd_into  (x, a, b, wdw, wpw, bias, acc (N,H,W,ld))
+//   crnet_separable_fwd_into  (x, a, b, wdw, wpw, bias, acc_scale (G,Co), acc (N,H,W,ld))
 //                          -> out (N,H,W,ld) = acc with channels [offset, offset + Co)
-//                             increased by the convolution (out aliases acc)
+//                             scaled by acc_scale and increased by the convolution (out
+//                             aliases acc)
+//   crnet_separable_fwd_into_sums (x, a, b, wdw, wpw, bias, acc_scale, acc)
+//                          -> out as crnet_separable_fwd_into, sum (N,Co), sumsq (N,Co): per
+//                             image, the sums of the channels written and of their squares
 //   crnet_separable_bwd  (x, a, b, wdw, wpw, dout (N,H,W,ld))
 //                          -> dx (N,H,W,C), da (G,C), db (G,C), dwdw (G,k,k,C),
 //                             dwpw (G,C,Co), dbias (G,Co); the output gradient is read from
@@ -22,6 +26,10 @@
 //   crnet_separable_bwd_acc   (x, a, b, wdw, wpw, dout (N,H,W,ld), dx_in (N,H,W,C))
 //                          -> as crnet_separable_bwd with dx = dx_in + the input gradient
 //                             (dx aliases dx_in), so branches sharing an input sum in place
+//   crnet_separable_bwd_bn[_acc] (x, a, b, wdw, wpw, dout, y (N,H,W,Co), c1 (Co), c2 (Co)
+//                          [, dx_in]) -> as crnet_separable_bwd[_acc] for the output gradient
+//                             dout + c1 + c2 y (the cotangent of BatchNorm moments of y),
+//                             formed as dout is read
 //   crnet_block_infer    a whole residual block in inference mode, fused (BlockInferImpl)
 //   crnet_fanout_fwd_stats  several convolutions of one input with their moments, one pass
 //                          over it (FanoutFwdImpl): a training block's first convolutions
@@ -325,13 +333,15 @@ ffi::Error check_slice(ffi::Span<const int64_t> od, const SepShape& sh, int64_t 
 // Forward into channels [offset, offset + Co) of out (N, H, W, ld); accumulate: out holds
 // the values to add to (the caller aliased it to an input). With sum and sumsq (G, Co)
 // given, they receive per group the sums over its images and pixels of the convolution's
-// output and of its square.
+// output and of its square; with per_image, sum and sumsq are (N, Co): per image, the sums
+// of the values written (accumulate: out + the convolution).
 ffi::Error SepFwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& a,
                         ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& wdw,
                         ffi::Buffer<ffi::F32>& wpw, ffi::Buffer<ffi::F32>& bias,
                         ffi::ResultBuffer<ffi::F32>& out, int64_t offset, bool accumulate,
                         int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
-                        float slope, float* sum = nullptr, float* sumsq = nullptr) {
+                        float slope, float* sum = nullptr, float* sumsq = nullptr,
+                        bool per_image = false, ffi::Buffer<ffi::F32>* acc_scale = nullptr) {
   SepShape sh;
   if (auto e = check_separable(x.dimensions(), wdw.dimensions(), wpw.dimensions(),
                                a.dimensions(), b.dimensions(), dilation, sh);
@@ -341,9 +351,16 @@ ffi::Error SepFwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Bu
   if (bd.size() != 2 || bd[0] != sh.G || bd[1] != sh.Co)
     return ffi::Error::InvalidArgument("bias must have shape (G, Co)");
   if (auto e = check_slice(out->dimensions(), sh, offset, "out"); e.failure()) return e;
+  if (acc_scale) {
+    const auto sd = acc_scale->dimensions();
+    if (sd.size() != 2 || sd[0] != sh.G || sd[1] != sh.Co)
+      return ffi::Error::InvalidArgument("acc_scale must have shape (G, Co)");
+  }
+  const float* scp = acc_scale ? acc_scale->typed_data() : nullptr;
   const int64_t N = sh.N, H = sh.H, W = sh.W, C = sh.C, Co = sh.Co, G = sh.G, k = sh.k;
   const int64_t ldo = out->dimensions()[3];
-  const crnet_dw::SepIO io{ldo, accumulate};
+  crnet_dw::SepIO io{ldo, accumulate};
+  io.sums_of_result = per_image;
   const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * (k * k + Co), 32);
   const float* xp = x.typed_data();
   const float* ap = a.typed_data();
@@ -361,6 +378,7 @@ ffi::Error SepFwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Bu
     const int64_t n = unit / pl.bands, bnd = unit % pl.bands, g = n / per_group;
     const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
     crnet_dw::SepIO unit_io = io;
+    if (scp) unit_io.acc_scale = scp + g * Co;
     if (sum) {
       unit_io.out_sum = ps + unit * Co;
       unit_io.out_sumsq = ps + (units + unit) * Co;
@@ -371,8 +389,9 @@ ffi::Error SepFwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Bu
     if (nt) crnet_dw::sfence();
   });
   if (sum) {
-    reduce_partials(ps, units, Co, G, sum);
-    reduce_partials(ps + units * Co, units, Co, G, sumsq);
+    const int64_t groups = per_image ? N : G;  // units are image-major: N groups of bands
+    reduce_partials(ps, units, Co, groups, sum);
+    reduce_partials(ps + units * Co, units, Co, groups, sumsq);
   }
   return ffi::Error::Success();
 }
@@ -404,11 +423,13 @@ ffi::Error SepFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                       preact, slope);
 }
 
-// out = acc with channels [offset, offset + Co) increased by the separable convolution;
-// out is aliased to acc by the caller (a copy is made here if it is not).
+// out = acc with channels [offset, offset + Co) scaled by acc_scale (G, Co) and increased by
+// the separable convolution; out is aliased to acc by the caller (a copy is made here if it
+// is not).
 ffi::Error SepFwdIntoImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
                           ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> bias,
+                          ffi::Buffer<ffi::F32> acc_scale,
                           ffi::Buffer<ffi::F32> acc, ffi::ResultBuffer<ffi::F32> out,
                           int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
                           float slope, int64_t offset) {
@@ -418,7 +439,33 @@ ffi::Error SepFwdIntoImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (acc.typed_data() != out->typed_data())
     std::memcpy(out->typed_data(), acc.typed_data(), acc.size_bytes());
   return SepFwdCommon(pool, x, a, b, wdw, wpw, bias, out, offset, true, dilation, isa, threads,
-                      preact, slope);
+                      preact, slope, nullptr, nullptr, false, &acc_scale);
+}
+
+// As SepFwdIntoImpl, and per image the sums of the channels [offset, offset + Co) of out as
+// written and of their squares, sum and sumsq (N, Co): where this call finishes those
+// channels of a block's output, the batch moments of the next block's BatchNorm without a
+// pass of their own over it.
+ffi::Error SepFwdIntoSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                              ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
+                              ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> bias,
+                              ffi::Buffer<ffi::F32> acc_scale,
+                              ffi::Buffer<ffi::F32> acc, ffi::ResultBuffer<ffi::F32> out,
+                              ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sumsq,
+                              int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
+                              float slope, int64_t offset) {
+  const auto ad = acc.dimensions(), od = out->dimensions(), pd = wpw.dimensions();
+  if (ad.size() != od.size() || !std::equal(ad.begin(), ad.end(), od.begin()))
+    return ffi::Error::InvalidArgument("acc and out must have the same shape");
+  for (auto* r : {&sum, &sumsq}) {
+    const auto rd = (*r)->dimensions();
+    if (ad.size() != 4 || pd.size() != 3 || rd.size() != 2 || rd[0] != ad[0] || rd[1] != pd[2])
+      return ffi::Error::InvalidArgument("sum and sumsq must have shape (N, Co)");
+  }
+  if (acc.typed_data() != out->typed_data())
+    std::memcpy(out->typed_data(), acc.typed_data(), acc.size_bytes());
+  return SepFwdCommon(pool, x, a, b, wdw, wpw, bias, out, offset, true, dilation, isa, threads,
+                      preact, slope, sum->typed_data(), sumsq->typed_data(), true, &acc_scale);
 }
 
 // Backward reading the output gradient from channels [offset, offset + Co) of dout
@@ -430,7 +477,9 @@ ffi::Error SepBwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Bu
                         ffi::ResultBuffer<ffi::F32>& db_pre, ffi::ResultBuffer<ffi::F32>& dwdw,
                         ffi::ResultBuffer<ffi::F32>& dwpw, ffi::ResultBuffer<ffi::F32>& db,
                         int64_t offset, bool accumulate, int64_t dilation, int64_t isa,
-                        int64_t threads, int64_t preact, float slope) {
+                        int64_t threads, int64_t preact, float slope,
+                        ffi::Buffer<ffi::F32>* bn_y = nullptr, ffi::Buffer<ffi::F32>* bn_c1 = nullptr,
+                        ffi::Buffer<ffi::F32>* bn_c2 = nullptr) {
   SepShape sh;
   if (auto e = check_separable(x.dimensions(), wdw.dimensions(), wpw.dimensions(),
                                a.dimensions(), b.dimensions(), dilation, sh);
@@ -439,7 +488,16 @@ ffi::Error SepBwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Bu
   const int64_t N = sh.N, H = sh.H, W = sh.W, C = sh.C, Co = sh.Co, G = sh.G, k = sh.k;
   if (auto e = check_slice(dout.dimensions(), sh, offset, "dout"); e.failure()) return e;
   const int64_t ldo = dout.dimensions()[3];
-  const crnet_dw::SepIO io{ldo, accumulate};
+  crnet_dw::SepIO io{ldo, accumulate};
+  if (bn_y) {
+    const auto yd = bn_y->dimensions(), c1d = bn_c1->dimensions(), c2d = bn_c2->dimensions();
+    if (yd.size() != 4 || yd[0] != sh.N || yd[1] != sh.H || yd[2] != sh.W || yd[3] != sh.Co ||
+        c1d.size() != 1 || c1d[0] != sh.Co || c2d.size() != 1 || c2d[0] != sh.Co)
+      return ffi::Error::InvalidArgument("y, c1, c2 must be (N, H, W, Co), (Co,), (Co,)");
+    io.bn_c1 = bn_c1->typed_data();
+    io.bn_c2 = bn_c2->typed_data();
+  }
+  const float* byp = bn_y ? bn_y->typed_data() : nullptr;
   // Fewer, taller bands here: each band recomputes k - 1 halo rows of dout @ wpw^T.
   const Plan pl = make_plan(pool, isa, threads, N, H,
                             double(N) * H * W * C * (3 * k * k + 2 * Co), 16);
@@ -474,7 +532,9 @@ ffi::Error SepBwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Bu
   parallel_for(pool, pl.threads, units, [=](int64_t unit) {
     const int64_t n = unit / pl.bands, bnd = unit % pl.bands, g = n / per_group;
     const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    crnet_dw::sep_bwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C), io,
+    crnet_dw::SepIO uio = io;
+    if (byp) uio.bn_y = byp + n * H * W * Co;
+    crnet_dw::sep_bwd_band(pl.isa, xp + n * H * W * C, prologue(preact, ap, bp_, slope, g, C), uio,
                            wdp + g * kkc, wfp + g * kkc, wtp + g * cco, gp + n * H * W * ldo,
                            dxp + n * H * W * C, pdw + unit * kkc, ppw + unit * cco, pb + unit * Co,
                            psa + unit * C, psb + unit * C, H, W, C, Co, k, dilation, i0, i1, nt);
@@ -517,6 +577,41 @@ ffi::Error SepBwdAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
     std::memcpy(dx->typed_data(), dx_in.typed_data(), dx_in.size_bytes());
   return SepBwdCommon(pool, x, a, b, wdw, wpw, dout, dx, da, db_pre, dwdw, dwpw, db, offset,
                       true, dilation, isa, threads, preact, slope);
+}
+
+// As SepBwdImpl / SepBwdAccImpl for a convolution whose output y (N, H, W, Co) also feeds
+// a BatchNorm's batch moments: the output gradient is dout + c1 + c2 * y (c1, c2 (Co,):
+// the moments' cotangents over the pixel count, and twice that for the mean square),
+// formed as the kernel reads dout (see crnet_dw::SepIO).
+ffi::Error SepBwdBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
+                        ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> dout,
+                        ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> c1, ffi::Buffer<ffi::F32> c2,
+                        ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> da,
+                        ffi::ResultBuffer<ffi::F32> db_pre, ffi::ResultBuffer<ffi::F32> dwdw,
+                        ffi::ResultBuffer<ffi::F32> dwpw, ffi::ResultBuffer<ffi::F32> db,
+                        int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
+                        float slope, int64_t offset) {
+  return SepBwdCommon(pool, x, a, b, wdw, wpw, dout, dx, da, db_pre, dwdw, dwpw, db, offset,
+                      false, dilation, isa, threads, preact, slope, &y, &c1, &c2);
+}
+
+ffi::Error SepBwdBnAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wdw,
+                           ffi::Buffer<ffi::F32> wpw, ffi::Buffer<ffi::F32> dout,
+                           ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> c1, ffi::Buffer<ffi::F32> c2,
+                           ffi::Buffer<ffi::F32> dx_in, ffi::ResultBuffer<ffi::F32> dx,
+                           ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> db_pre,
+                           ffi::ResultBuffer<ffi::F32> dwdw, ffi::ResultBuffer<ffi::F32> dwpw,
+                           ffi::ResultBuffer<ffi::F32> db, int64_t dilation, int64_t isa,
+                           int64_t threads, int64_t preact, float slope, int64_t offset) {
+  const auto xd = x.dimensions(), id = dx_in.dimensions();
+  if (xd.size() != id.size() || !std::equal(xd.begin(), xd.end(), id.begin()))
+    return ffi::Error::InvalidArgument("dx_in must have the shape of x");
+  if (dx_in.typed_data() != dx->typed_data())
+    std::memcpy(dx->typed_data(), dx_in.typed_data(), dx_in.size_bytes());
+  return SepBwdCommon(pool, x, a, b, wdw, wpw, dout, dx, da, db_pre, dwdw, dwpw, db, offset,
+                      true, dilation, isa, threads, preact, slope, &y, &c1, &c2);
 }
 
 // The widest strip of ceil(W / strips) columns whose scratch(ws) floats fit `budget` (or
@@ -902,8 +997,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwdInto, SepFwdIntoImpl,
                                   .Arg<F32Buf>()  // wdw
                                   .Arg<F32Buf>()  // wpw
                                   .Arg<F32Buf>()  // bias
+                                  .Arg<F32Buf>()  // acc_scale (G, Co)
                                   .Arg<F32Buf>()  // acc (N, H, W, ld)
                                   .Ret<F32Buf>()  // out (aliases acc)
+                                  CRNET_SLICE_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableFwdIntoSums, SepFwdIntoSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // a (prologue scale)
+                                  .Arg<F32Buf>()  // b (prologue shift)
+                                  .Arg<F32Buf>()  // wdw
+                                  .Arg<F32Buf>()  // wpw
+                                  .Arg<F32Buf>()  // bias
+                                  .Arg<F32Buf>()  // acc_scale (G, Co)
+                                  .Arg<F32Buf>()  // acc (N, H, W, ld)
+                                  .Ret<F32Buf>()  // out (aliases acc)
+                                  .Ret<F32Buf>()  // sum (N, Co)
+                                  .Ret<F32Buf>()  // sumsq (N, Co)
                                   CRNET_SLICE_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwd, SepBwdImpl,
@@ -932,6 +1044,47 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwdAcc, SepBwdAccImpl,
                                   .Arg<F32Buf>()  // wdw
                                   .Arg<F32Buf>()  // wpw
                                   .Arg<F32Buf>()  // dout (N, H, W, ld)
+                                  .Arg<F32Buf>()  // dx_in
+                                  .Ret<F32Buf>()  // dx (aliases dx_in)
+                                  .Ret<F32Buf>()  // da
+                                  .Ret<F32Buf>()  // db (prologue shift)
+                                  .Ret<F32Buf>()  // dwdw
+                                  .Ret<F32Buf>()  // dwpw
+                                  .Ret<F32Buf>()  // dbias
+                                  CRNET_SLICE_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwdBn, SepBwdBnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // a
+                                  .Arg<F32Buf>()  // b
+                                  .Arg<F32Buf>()  // wdw
+                                  .Arg<F32Buf>()  // wpw
+                                  .Arg<F32Buf>()  // dout (N, H, W, ld)
+                                  .Arg<F32Buf>()  // y (N, H, W, Co)
+                                  .Arg<F32Buf>()  // c1 (Co)
+                                  .Arg<F32Buf>()  // c2 (Co)
+                                  .Ret<F32Buf>()  // dx
+                                  .Ret<F32Buf>()  // da
+                                  .Ret<F32Buf>()  // db (prologue shift)
+                                  .Ret<F32Buf>()  // dwdw
+                                  .Ret<F32Buf>()  // dwpw
+                                  .Ret<F32Buf>()  // dbias
+                                  CRNET_SLICE_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetSeparableBwdBnAcc, SepBwdBnAccImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x
+                                  .Arg<F32Buf>()  // a
+                                  .Arg<F32Buf>()  // b
+                                  .Arg<F32Buf>()  // wdw
+                                  .Arg<F32Buf>()  // wpw
+                                  .Arg<F32Buf>()  // dout (N, H, W, ld)
+                                  .Arg<F32Buf>()  // y (N, H, W, Co)
+                                  .Arg<F32Buf>()  // c1 (Co)
+                                  .Arg<F32Buf>()  // c2 (Co)
                                   .Arg<F32Buf>()  // dx_in
                                   .Ret<F32Buf>()  // dx (aliases dx_in)
                                   .Ret<F32Buf>()  // da
@@ -1016,8 +1169,11 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
       !add("crnet_separable_fwd", reinterpret_cast<void*>(CrnetSeparableFwd)) ||
       !add("crnet_separable_bwd", reinterpret_cast<void*>(CrnetSeparableBwd)) ||
       !add("crnet_separable_fwd_into", reinterpret_cast<void*>(CrnetSeparableFwdInto)) ||
+      !add("crnet_separable_fwd_into_sums", reinterpret_cast<void*>(CrnetSeparableFwdIntoSums)) ||
       !add("crnet_separable_fwd_stats", reinterpret_cast<void*>(CrnetSeparableFwdStats)) ||
       !add("crnet_separable_bwd_acc", reinterpret_cast<void*>(CrnetSeparableBwdAcc)) ||
+      !add("crnet_separable_bwd_bn", reinterpret_cast<void*>(CrnetSeparableBwdBn)) ||
+      !add("crnet_separable_bwd_bn_acc", reinterpret_cast<void*>(CrnetSeparableBwdBnAcc)) ||
       !add("crnet_block_infer", reinterpret_cast<void*>(CrnetBlockInfer)) ||
       !add("crnet_fanout_fwd_stats", reinterpret_cast<void*>(CrnetFanoutFwdStats)) ||
       !add("crnet_pointwise_bn_sums", reinterpret_cast<void*>(CrnetPointwiseBnSums)) ||
@@ -1031,7 +1187,7 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
 // Version of the targets' calling convention (operands, results, attributes). Raise it
 // with every change to them, together with ABI_VERSION in crnet_jax/_ffi.py, so that an
 // extension left over from an older build is refused instead of called wrongly.
-static constexpr long kAbiVersion = 5;
+static constexpr long kAbiVersion = 6;
 
 static PyObject* py_abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
 

@@ -46,12 +46,22 @@ struct Prologue {
 // input gradient to dx, instead of overwriting them (no non-temporal stores then).
 // Forward only: with out_sum / out_sumsq set, (Co) += the sums over the band of the
 // convolution's output and of its square, per output channel (BatchNorm moments of the
-// output without another pass over it).
+// output without another pass over it); with sums_of_result and accumulate as well, the
+// sums are of the values written (out + the convolution: the moments of a block's output).
+// Backward only: with bn_y set, the output gradient read is dout + bn_c1 + bn_c2 * bn_y
+// (bn_y (H, W, Co) contiguous, bn_c1 / bn_c2 (Co)): the cotangent of a BatchNorm's batch
+// moments that reads this convolution's output y = bn_y, added as dout is read instead
+// of in a separate pass over it.
 struct SepIO {
   int64_t ldo = 0;
   bool accumulate = false;
   float* out_sum = nullptr;
   float* out_sumsq = nullptr;
+  bool sums_of_result = false;
+  const float* acc_scale = nullptr;  // forward, accumulating: out = acc_scale * out + conv
+  const float* bn_y = nullptr;
+  const float* bn_c1 = nullptr;
+  const float* bn_c2 = nullptr;
 };
 
 // Fused separable convolution: out (H, W, Co) = depthwise(x0, wdw) @ wpw (C, Co) + bias
