@@ -216,6 +216,31 @@ def test_moments_from_the_previous_blocks_sums(dropout):
     assert "crnet_separable_fwd_into_sums" not in hlos[1]
 
 
+def test_dropout_keeps_no_extra_tensor_in_training():
+    """Spatial dropout between blocks costs no memory in the training step: its output is
+    materialised once and its input dies (XLA, left alone, recomputes the product inside the
+    backward's fusions and keeps the input alive: one more block-output-sized tensor per
+    dropout). Compiled temporaries with dropout on against off, C++ kernels."""
+    from crnet_jax import _ffi
+
+    if not _ffi.available():
+        pytest.skip("C++ FFI extension not built")
+    x = jnp.ones((2, 40, 48, 1))
+    temps = []
+    for rate in (0.3, 0.0):
+        model = ResCRNet(lung_config(num_conv_res=3, depthwise_impl="ffi", dropout_rate=rate), rngs=nnx.Rngs(0))
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p, rest):
+            return jnp.mean(nnx.merge(graphdef, p, rest, copy=True)(x)[..., 0] ** 2)
+
+        compiled = jax.jit(jax.grad(loss)).lower(params, rest).compile()
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    block_output = 2 * 40 * 48 * 48 * 4
+    assert temps[0] < temps[1] + block_output, (temps, block_output)
+
+
 @pytest.mark.parametrize("training, dropout", [(False, 0.0), (True, 0.0), (True, 0.3)])
 def test_remat_gives_same_values_gradients_and_statistics(training, dropout):
     """remat True (block input kept) and "branches" (the branches' first convolutions kept
