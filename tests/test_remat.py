@@ -43,8 +43,11 @@ def test_remat_reduces_compiled_temp_memory():
         fn, params, rest = _grad_fn(lung_config(num_conv_res=3, remat=remat))
         compiled = fn.lower(params, rest, x, y).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
-    # measured: 4.6 MiB without, 2.8 MiB with (ratio 0.59); jax.checkpoint alone gave 1.0
-    assert temp[True] < 0.65 * temp[False], temp
+    # measured: 3.95 MiB without, 3.15 MiB with (ratio 0.80; at 300 x 340 x 8, 2.04 against
+    # 1.46 GiB); jax.checkpoint alone gave 1.0. (Until the dropout between blocks was
+    # materialised in a conditional, the step without remat also kept each dropout's input:
+    # 4.6 MiB here, and a ratio of 0.59.)
+    assert temp[True] < 0.85 * temp[False], temp
     # Without remat a training block keeps only its input and its branches' first
     # convolutions (the shortcut's backward needs nothing else, crnet_jax.pointwise_bn),
     # which is what "branches" keeps: residual blocks run the same program
