@@ -170,7 +170,7 @@ def _spatial_dropout(dropout: nnx.Dropout, y: jax.Array, sums):
     the result: the channel mask (scaled by 1 / keep) that dropout(y) draws, drawn as
     dropout(ones (B, 1, 1, C)) (same key, same shape), multiplies y (`_masked`) and the sums
     (its square the sums of squares)."""
-    if sums is None or dropout.deterministic or dropout.rate == 0.0:
+    if sums is None or dropout.deterministic or dropout.rate == 0.0 or y.size == 0:
         return dropout(y), sums
     b, c = y.shape[0], y.shape[-1]
     mask = lax.stop_gradient(dropout(jnp.ones((b, 1, 1, c), y.dtype)))
