@@ -31,8 +31,9 @@ class ModelConfig:
         exactly those. "branches" (default) and False: that. True: only its input; the
         backward recomputes the whole block (`model.recompute_in_backward`). LSTM RES blocks
         treat "branches" as True and False as keeping everything XLA keeps. At 300 x 340 x 8
-        on the 2-core CPU (12-02, benchmarks/RESULTS.md "seventh pass"): "branches" 2.68 GiB
-        compiled (peak RSS 3.3 GiB), True 1.37 GiB (2.0 GiB) at 10-25% more time.
+        on the 2-core CPU (12-02, benchmarks/RESULTS.md "tenth pass"): "branches" 2.04 GiB of
+        compiled temporaries (peak RSS 2.7 GiB), True 1.46 GiB (the seventh pass measured
+        10-25% more time for True).
       fused_inference: in inference mode, run each residual block (STEM, CONV RES) as one
         C++ kernel (`crnet_jax.fused_block`) when depthwise_impl resolves to "ffi" and dtype is
         float32; the same values as the layer-by-layer kernels up to rounding order.

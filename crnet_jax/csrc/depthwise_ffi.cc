@@ -388,7 +388,7 @@ ffi::Error SepFwdCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Bu
                            op + n * H * W * ldo + offset, H, W, C, Co, k, dilation, i0, i1, nt);
     if (nt) crnet_dw::sfence();
   });
-  if (sum) {
+  if (sum && (per_image ? N : G) > 0) {  // no images: no groups (and no division by zero)
     const int64_t groups = per_image ? N : G;  // units are image-major: N groups of bands
     reduce_partials(ps, units, Co, groups, sum);
     reduce_partials(ps + units * Co, units, Co, groups, sumsq);
