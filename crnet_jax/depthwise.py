@@ -349,6 +349,18 @@ def _ffi_ops(d: int, isa: int, threads: int):
     return fwd, bwd
 
 
+def _sep_attrs(d: int, isa: int, threads: int, slope: float | None, **extra) -> dict:
+    """The FFI attributes of the separable targets (slope None: no prologue)."""
+    return dict(dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
+                preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope), **extra)
+
+
+def _sep_grad_shapes(x, a, b, wdw, wpw) -> tuple:
+    """Result shapes of the separable backward targets: dx, da, db, dwdw, dwpw, dbias (float32)."""
+    return tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in (
+        x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
+
+
 @functools.lru_cache(maxsize=None)
 def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
     """custom_vmap-wrapped fused separable FFI calls (see `_ffi_ops` for the group axis).
@@ -359,10 +371,7 @@ def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
       sep_bwd(x, a, b, wdw, wpw, dout) -> (dx, da, db, dwdw, dwpw, dbias)
     All float32.
     """
-    attrs = dict(
-        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
-        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
-    )
+    attrs = _sep_attrs(d, isa, threads, slope)
     f32 = jnp.float32
 
     def raw_sep_fwd(x, a, b, wdw, wpw, bias):
@@ -370,9 +379,7 @@ def _ffi_sep_ops(d: int, isa: int, threads: int, slope: float | None):
         return jax.ffi.ffi_call("crnet_separable_fwd", out)(x, a, b, wdw, wpw, bias, **attrs)
 
     def raw_sep_bwd(x, a, b, wdw, wpw, dout):
-        shapes = tuple(jax.ShapeDtypeStruct(s, f32) for s in (
-            x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
-        call = jax.ffi.ffi_call("crnet_separable_bwd", shapes)
+        call = jax.ffi.ffi_call("crnet_separable_bwd", _sep_grad_shapes(x, a, b, wdw, wpw))
         return tuple(call(x, a, b, wdw, wpw, dout, **attrs, offset=np.int64(0)))
 
     p_sep_fwd = _batch_partitioned(
@@ -413,10 +420,7 @@ def _ffi_stats_op(d: int, isa: int, threads: int, slope: float | None):
       sep_fwd_stats(x, a, b, wdw, wpw, bias) -> (out (N,H,W,Co), sum (G,Co), sumsq (G,Co))
     All float32.
     """
-    attrs = dict(
-        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
-        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
-    )
+    attrs = _sep_attrs(d, isa, threads, slope)
     f32 = jnp.float32
 
     def raw(x, a, b, wdw, wpw, bias):
@@ -523,16 +527,8 @@ def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: 
           (in place: dx aliases dx_in)
     All float32.
     """
-    attrs = dict(
-        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
-        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
-        offset=np.int64(offset),
-    )
+    attrs = _sep_attrs(d, isa, threads, slope, offset=np.int64(offset))
     f32 = jnp.float32
-
-    def grad_shapes(x, a, b, wdw, wpw):
-        return tuple(jax.ShapeDtypeStruct(s, f32) for s in (
-            x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
 
     def raw_into(x, a, b, wdw, wpw, bias, acc_scale, acc):
         out = jax.ShapeDtypeStruct(acc.shape, f32)
@@ -540,11 +536,11 @@ def _ffi_slice_ops(d: int, isa: int, threads: int, slope: float | None, offset: 
         return call(x, a, b, wdw, wpw, bias, acc_scale, acc, **attrs)
 
     def raw_bwd_slice(x, a, b, wdw, wpw, dout):
-        call = jax.ffi.ffi_call("crnet_separable_bwd", grad_shapes(x, a, b, wdw, wpw))
+        call = jax.ffi.ffi_call("crnet_separable_bwd", _sep_grad_shapes(x, a, b, wdw, wpw))
         return tuple(call(x, a, b, wdw, wpw, dout, **attrs))
 
     def raw_bwd_acc(x, a, b, wdw, wpw, dout, dx_in):
-        call = jax.ffi.ffi_call("crnet_separable_bwd_acc", grad_shapes(x, a, b, wdw, wpw),
+        call = jax.ffi.ffi_call("crnet_separable_bwd_acc", _sep_grad_shapes(x, a, b, wdw, wpw),
                                 input_output_aliases={6: 0})
         return tuple(call(x, a, b, wdw, wpw, dout, dx_in, **attrs))
 
@@ -602,11 +598,7 @@ def _ffi_into_sums_op(d: int, isa: int, threads: int, slope: float | None, offse
 
     All float32.
     """
-    attrs = dict(
-        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
-        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
-        offset=np.int64(offset),
-    )
+    attrs = _sep_attrs(d, isa, threads, slope, offset=np.int64(offset))
     f32 = jnp.float32
 
     def raw(x, a, b, wdw, wpw, bias, acc_scale, acc):
@@ -645,23 +637,15 @@ def _ffi_bn_bwd_ops(d: int, isa: int, threads: int, slope: float | None):
     Under vmap with per-element c1, c2 (the usual case: they come from per-element
     moments) the sum is formed by XLA and the plain backward runs. All float32.
     """
-    attrs = dict(
-        dilation=np.int64(d), isa=np.int64(isa), threads=np.int64(threads),
-        preact=np.int64(slope is not None), slope=np.float32(1.0 if slope is None else slope),
-        offset=np.int64(0),
-    )
+    attrs = _sep_attrs(d, isa, threads, slope, offset=np.int64(0))
     f32 = jnp.float32
 
-    def grad_shapes(x, a, b, wdw, wpw):
-        return tuple(jax.ShapeDtypeStruct(s, f32) for s in (
-            x.shape, a.shape, b.shape, wdw.shape, wpw.shape, (wpw.shape[0], wpw.shape[2])))
-
     def raw_bn(x, a, b, wdw, wpw, dout, y, c1, c2):
-        call = jax.ffi.ffi_call("crnet_separable_bwd_bn", grad_shapes(x, a, b, wdw, wpw))
+        call = jax.ffi.ffi_call("crnet_separable_bwd_bn", _sep_grad_shapes(x, a, b, wdw, wpw))
         return tuple(call(x, a, b, wdw, wpw, dout, y, c1, c2, **attrs))
 
     def raw_bn_acc(x, a, b, wdw, wpw, dout, y, c1, c2, dx_in):
-        call = jax.ffi.ffi_call("crnet_separable_bwd_bn_acc", grad_shapes(x, a, b, wdw, wpw),
+        call = jax.ffi.ffi_call("crnet_separable_bwd_bn_acc", _sep_grad_shapes(x, a, b, wdw, wpw),
                                 input_output_aliases={9: 0})
         return tuple(call(x, a, b, wdw, wpw, dout, y, c1, c2, dx_in, **attrs))
 

@@ -330,6 +330,16 @@ ffi::Error check_slice(ffi::Span<const int64_t> od, const SepShape& sh, int64_t 
   return ffi::Error::Success();
 }
 
+// An accumulating target's starting values: out = in, where the caller aliased them (a
+// copy is made if it did not). `what` names the error when their shapes differ.
+ffi::Error start_from(ffi::Buffer<ffi::F32>& in, ffi::ResultBuffer<ffi::F32>& out, const char* what) {
+  const auto id = in.dimensions(), od = out->dimensions();
+  if (id.size() != od.size() || !std::equal(id.begin(), id.end(), od.begin()))
+    return ffi::Error::InvalidArgument(what);
+  if (in.typed_data() != out->typed_data()) std::memcpy(out->typed_data(), in.typed_data(), in.size_bytes());
+  return ffi::Error::Success();
+}
+
 // Forward into channels [offset, offset + Co) of out (N, H, W, ld); accumulate: out holds
 // the values to add to (the caller aliased it to an input). With sum and sumsq (G, Co)
 // given, they receive per group the sums over its images and pixels of the convolution's
@@ -433,11 +443,7 @@ ffi::Error SepFwdIntoImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
                           ffi::Buffer<ffi::F32> acc, ffi::ResultBuffer<ffi::F32> out,
                           int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
                           float slope, int64_t offset) {
-  const auto ad = acc.dimensions(), od = out->dimensions();
-  if (ad.size() != od.size() || !std::equal(ad.begin(), ad.end(), od.begin()))
-    return ffi::Error::InvalidArgument("acc and out must have the same shape");
-  if (acc.typed_data() != out->typed_data())
-    std::memcpy(out->typed_data(), acc.typed_data(), acc.size_bytes());
+  if (auto e = start_from(acc, out, "acc and out must have the same shape"); e.failure()) return e;
   return SepFwdCommon(pool, x, a, b, wdw, wpw, bias, out, offset, true, dilation, isa, threads,
                       preact, slope, nullptr, nullptr, false, &acc_scale);
 }
@@ -454,16 +460,13 @@ ffi::Error SepFwdIntoSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
                               ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sumsq,
                               int64_t dilation, int64_t isa, int64_t threads, int64_t preact,
                               float slope, int64_t offset) {
-  const auto ad = acc.dimensions(), od = out->dimensions(), pd = wpw.dimensions();
-  if (ad.size() != od.size() || !std::equal(ad.begin(), ad.end(), od.begin()))
-    return ffi::Error::InvalidArgument("acc and out must have the same shape");
+  const auto ad = acc.dimensions(), pd = wpw.dimensions();
   for (auto* r : {&sum, &sumsq}) {
     const auto rd = (*r)->dimensions();
     if (ad.size() != 4 || pd.size() != 3 || rd.size() != 2 || rd[0] != ad[0] || rd[1] != pd[2])
       return ffi::Error::InvalidArgument("sum and sumsq must have shape (N, Co)");
   }
-  if (acc.typed_data() != out->typed_data())
-    std::memcpy(out->typed_data(), acc.typed_data(), acc.size_bytes());
+  if (auto e = start_from(acc, out, "acc and out must have the same shape"); e.failure()) return e;
   return SepFwdCommon(pool, x, a, b, wdw, wpw, bias, out, offset, true, dilation, isa, threads,
                       preact, slope, sum->typed_data(), sumsq->typed_data(), true, &acc_scale);
 }
@@ -570,11 +573,7 @@ ffi::Error SepBwdAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
                          ffi::ResultBuffer<ffi::F32> dwdw, ffi::ResultBuffer<ffi::F32> dwpw,
                          ffi::ResultBuffer<ffi::F32> db, int64_t dilation, int64_t isa,
                          int64_t threads, int64_t preact, float slope, int64_t offset) {
-  const auto xd = x.dimensions(), id = dx_in.dimensions();
-  if (xd.size() != id.size() || !std::equal(xd.begin(), xd.end(), id.begin()))
-    return ffi::Error::InvalidArgument("dx_in must have the shape of x");
-  if (dx_in.typed_data() != dx->typed_data())
-    std::memcpy(dx->typed_data(), dx_in.typed_data(), dx_in.size_bytes());
+  if (auto e = start_from(dx_in, dx, "dx_in must have the shape of x"); e.failure()) return e;
   return SepBwdCommon(pool, x, a, b, wdw, wpw, dout, dx, da, db_pre, dwdw, dwpw, db, offset,
                       true, dilation, isa, threads, preact, slope);
 }
@@ -605,11 +604,7 @@ ffi::Error SepBwdBnAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
                            ffi::ResultBuffer<ffi::F32> dwdw, ffi::ResultBuffer<ffi::F32> dwpw,
                            ffi::ResultBuffer<ffi::F32> db, int64_t dilation, int64_t isa,
                            int64_t threads, int64_t preact, float slope, int64_t offset) {
-  const auto xd = x.dimensions(), id = dx_in.dimensions();
-  if (xd.size() != id.size() || !std::equal(xd.begin(), xd.end(), id.begin()))
-    return ffi::Error::InvalidArgument("dx_in must have the shape of x");
-  if (dx_in.typed_data() != dx->typed_data())
-    std::memcpy(dx->typed_data(), dx_in.typed_data(), dx_in.size_bytes());
+  if (auto e = start_from(dx_in, dx, "dx_in must have the shape of x"); e.failure()) return e;
   return SepBwdCommon(pool, x, a, b, wdw, wpw, dout, dx, da, db_pre, dwdw, dwpw, db, offset,
                       true, dilation, isa, threads, preact, slope, &y, &c1, &c2);
 }
