@@ -98,8 +98,8 @@ class SeparableAtrousConv(nnx.Module):
         `separable_conv2d_into`). sums: (out, per-image sums (B, Cout) of those channels of
         out, and of their squares), as there; deferred_scale: as there."""
         dwk, pwk, bias, dilation = self._weights()
-        if extra_bias is not None:
-            bias = bias + extra_bias.astype(self.dtype)
+        if extra_bias is not None:  # summed in float32 and rounded once to the compute dtype
+            bias = (self.bias[...].astype(jnp.float32) + extra_bias.astype(jnp.float32)).astype(self.dtype)
         return separable_conv2d_into(acc, offset, x.astype(self.dtype), dwk, pwk, bias, dilation, impl=self.impl,
                                      prologue=prologue, sums=sums, deferred_scale=deferred_scale)
 

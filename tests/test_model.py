@@ -8,7 +8,7 @@ from flax import nnx
 
 from crnet_jax.blocks import ResidualBlock
 from crnet_jax.config import ModelConfig, lung_config
-from crnet_jax.layers import he_truncated_normal, leaky_relu
+from crnet_jax.layers import SeparableAtrousConv, he_truncated_normal, leaky_relu
 from crnet_jax.model import ResCRNet, count_parameters
 
 
@@ -155,6 +155,26 @@ def test_block_training_mode_bfloat16(impl):
     s16 = nnx.to_pure_dict(nnx.state(blocks["bfloat16"], nnx.BatchStat))
     s32 = nnx.to_pure_dict(nnx.state(blocks["float32"], nnx.BatchStat))
     chex.assert_trees_all_close(s16, s32, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", ["ffi", "shift"])
+def test_into_rounds_bias_and_extra_bias_once(impl):
+    """In bfloat16 a branch's bias and the shift it adds for the shortcut's BatchNorm
+    (`SeparableAtrousConv.into(extra_bias=...)`) are summed in float32 and rounded once:
+    1 + 2^-8 and 2^-8 give 1 + 2^-7, where rounding each to bfloat16 first gives 1."""
+    from crnet_jax import _ffi
+
+    if impl == "ffi" and not _ffi.available():
+        pytest.skip("C++ FFI extension not built")
+    conv = SeparableAtrousConv(4, 4, 3, 1, dtype=jnp.bfloat16, impl=impl, rngs=nnx.Rngs(0))
+    conv.depthwise_kernel[...] = jnp.zeros_like(conv.depthwise_kernel[...])
+    conv.pointwise_kernel[...] = jnp.zeros_like(conv.pointwise_kernel[...])
+    conv.bias[...] = jnp.full((4,), 1 + 2.0**-8, jnp.float32)
+    acc = jnp.zeros((1, 5, 6, 8), jnp.bfloat16)
+    out = conv.into(acc, 4, jnp.ones((1, 5, 6, 4), jnp.bfloat16), extra_bias=jnp.full((4,), 2.0**-8, jnp.float32))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out[..., 4:], np.float32), 1 + 2.0**-7)
+    np.testing.assert_array_equal(np.asarray(out[..., :4], np.float32), 0.0)
 
 
 def test_dropout_only_in_training():
