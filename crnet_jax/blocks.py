@@ -174,10 +174,9 @@ class ResidualBlock(nnx.Module):
         kernel finishes its channel slice and sums it as it writes it."""
         # In training with the C++ kernels the shortcut's BatchNorm scale is applied by the
         # branches' kernels as they add into their slices (its shift joins their bias), so
-        # no pass over the (B, H, W, L) output forms it: every channel must have a branch.
-        widths = sum(branch.conv2.pointwise_kernel.shape[1] for branch in self.branches)
-        defer = self._sums_in_kernels() and widths == self.shortcut_conv.kernel[...].shape[1]
-        out, bias, deferred = self._shortcut(x, shortcut, defer)
+        # no pass over the (B, H, W, L) output forms it: the branches' slices cover all
+        # L = len(branches) * filters channels by construction.
+        out, bias, deferred = self._shortcut(x, shortcut, self._sums_in_kernels())
         training = self._training()
         offset = 0
         parts = []
@@ -192,7 +191,7 @@ class ResidualBlock(nnx.Module):
                 out, s1, s2 = out
                 parts.append((s1, s2))
             offset += f
-        if not sums or offset != out.shape[-1]:  # the branches must cover every channel
+        if not sums:
             return out, None
         return out, (jnp.concatenate([p[0] for p in parts], -1), jnp.concatenate([p[1] for p in parts], -1))
 
