@@ -167,13 +167,16 @@ _masked.defvjp(_masked_fwd, _masked_bwd)
 
 def _spatial_dropout(dropout: nnx.Dropout, y: jax.Array, sums):
     """dropout(y) and, given y's per-image sums (sum, sum of squares), (B, C) each, those of
-    the result: the channel mask (scaled by 1 / keep) that dropout(y) draws, drawn as
-    dropout(ones (B, 1, 1, C)) (same key, same shape), multiplies y (`_masked`) and the sums
-    (its square the sums of squares)."""
-    if sums is None or dropout.deterministic or dropout.rate == 0.0 or y.size == 0:
+    the result (else None). In training the channel mask (scaled by 1 / keep) that
+    dropout(y) draws, drawn as dropout(ones (B, 1, 1, C)) (same key, same shape),
+    multiplies y (`_masked`: the product is materialised once, whatever the
+    implementation) and the sums (its square the sums of squares)."""
+    if dropout.deterministic or not 0.0 < dropout.rate < 1.0 or y.size == 0:
         return dropout(y), sums
     b, c = y.shape[0], y.shape[-1]
     mask = lax.stop_gradient(dropout(jnp.ones((b, 1, 1, c), y.dtype)))
+    if sums is None:
+        return _masked(y, mask), None
     m = mask.reshape(b, c).astype(jnp.float32)
     return _masked(y, mask), (sums[0] * m, sums[1] * (m * m))
 

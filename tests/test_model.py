@@ -236,19 +236,20 @@ def test_moments_from_the_previous_blocks_sums(dropout):
     assert "crnet_separable_fwd_into_sums" not in hlos[1]
 
 
-def test_dropout_keeps_no_extra_tensor_in_training():
+@pytest.mark.parametrize("impl", ["ffi", "shift", "xla"])
+def test_dropout_keeps_no_extra_tensor_in_training(impl):
     """Spatial dropout between blocks costs no memory in the training step: its output is
     materialised once and its input dies (XLA, left alone, recomputes the product inside the
-    backward's fusions and keeps the input alive: one more block-output-sized tensor per
-    dropout). Compiled temporaries with dropout on against off, C++ kernels."""
+    backward's fusions and keeps the input alive: one or two more block-output-sized tensors
+    per dropout). Compiled temporaries with dropout on against off, every implementation."""
     from crnet_jax import _ffi
 
-    if not _ffi.available():
+    if impl == "ffi" and not _ffi.available():
         pytest.skip("C++ FFI extension not built")
     x = jnp.ones((2, 40, 48, 1))
     temps = []
     for rate in (0.3, 0.0):
-        model = ResCRNet(lung_config(num_conv_res=3, depthwise_impl="ffi", dropout_rate=rate), rngs=nnx.Rngs(0))
+        model = ResCRNet(lung_config(num_conv_res=3, depthwise_impl=impl, dropout_rate=rate), rngs=nnx.Rngs(0))
         model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
