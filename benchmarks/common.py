@@ -66,6 +66,21 @@ def compiled_memory(compiled) -> dict[str, int]:
     }
 
 
+def compiled_cost(compiled) -> dict[str, float]:
+    """XLA's cost analysis of a compiled function: floating-point operations and bytes
+    accessed per call, as XLA counts them (custom calls, such as the C++ kernels, count
+    for nothing: meaningful for the pure-XLA implementations, e.g. on a GPU)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 (not every backend implements it)
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    if not cost:
+        return {}
+    return {"xla_flops": float(cost.get("flops", 0.0)), "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+
+
 def time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
     """Wall seconds of `steps` calls of fn (which must block until done), after `warmup` calls."""
     for _ in range(warmup):
@@ -110,13 +125,16 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def append_results(title: str, table: str, notes: str = "", command: str | None = None) -> None:
-    """Append a dated section with the machine description and the command to RESULTS.md."""
+def append_results(title: str, table: str, notes: str = "", command: str | None = None,
+                   machine: str | None = None) -> None:
+    """Append a dated section with the machine description (this process's unless given)
+    and the command to RESULTS.md."""
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nMeasured figures only; each section names its machine, command and date.\n")
     command = command or "python -m " + " ".join([pathlib.Path(sys.argv[0]).stem] + sys.argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"\n## {title}\n\n- Date: {when}\n- Machine: {machine_description()}\n- Command: `{command}`\n\n{table}\n"
+    machine = machine or machine_description()
+    section = f"\n## {title}\n\n- Date: {when}\n- Machine: {machine}\n- Command: `{command}`\n\n{table}\n"
     if notes:
         section += f"\n{notes.strip()}\n"
     with RESULTS.open("a") as f:

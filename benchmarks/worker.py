@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.common import compiled_memory, device_peak_bytes, machine_description, median, peak_rss_bytes, time_calls
+from benchmarks.common import compiled_cost, compiled_memory, device_peak_bytes, machine_description, median, peak_rss_bytes, time_calls
 from crnet_jax import depthwise
 from crnet_jax.config import lung_config
 from crnet_jax.host_memory import block_cache_stats, blocks_in_use, is_active, reexec_with_host_memory_settings, settle_block_cache
@@ -114,6 +114,7 @@ def main() -> None:
         "median_s": round(med, 4),
         "images_per_s": round(spec["batch"] / med, 3),
         **compiled_memory(compiled),
+        **compiled_cost(compiled),
         "peak_rss_bytes": peak_rss_bytes(),
         "device_peak_bytes": device_peak_bytes(),
         "malloc_huge_pages": is_active(),

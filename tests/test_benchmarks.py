@@ -30,3 +30,16 @@ def test_grid_scripts_smoke(script):
 def test_scaling_smoke():
     out = _run("benchmarks.bench_scaling", "--smoke", "--no-record", "--mode", "infer")
     assert "pixels: time ~ pixels^" in out and "batch: time ~ batch^" in out
+
+
+def test_gpu_script_smoke(tmp_path):
+    """bench_gpu (written for a GPU machine) runs end to end on this backend: one training and
+    one inference row, the copy-bandwidth probe, and the section it would append."""
+    out = _run("benchmarks.bench_gpu", "--smoke", "--no-record", "--out", str(tmp_path))
+    assert "error" not in out, out
+    rows = [json.loads(line) for line in (tmp_path / "gpu_rows.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["train", "infer"]
+    assert all(r["images_per_s"] > 0 and r["xla_bytes_accessed"] > 0 for r in rows)
+    section = (tmp_path / "gpu_section.md").read_text()
+    assert section.startswith("## Accelerator") and "Device-to-device copy here:" in section
+    assert "not measured" not in section
