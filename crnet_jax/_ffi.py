@@ -27,6 +27,7 @@ REQUIRED_TARGETS = frozenset({
     "crnet_separable_fwd_into", "crnet_separable_fwd_stats", "crnet_separable_bwd_acc",
     "crnet_separable_bwd_bn", "crnet_separable_bwd_bn_acc", "crnet_separable_fwd_into_sums",
     "crnet_block_infer", "crnet_fanout_fwd_stats", "crnet_pointwise_bn_sums", "crnet_pointwise_bn_dx",
+    "crnet_pointwise_bwd",
 })
 _REBUILD = ("rebuild it: pip install -e . (or, with setuptools >= 77 installed, "
             "python setup.py build_ext --inplace --force)")

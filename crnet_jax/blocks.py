@@ -108,7 +108,7 @@ class ResidualBlock(nnx.Module):
         )
         self.impl = cfg.depthwise_impl
         self.fused_inference = cfg.fused_inference
-        self.shortcut_conv = PointwiseConv(in_features, out, rngs=rngs, **_dtypes(cfg))
+        self.shortcut_conv = PointwiseConv(in_features, out, impl=cfg.depthwise_impl, rngs=rngs, **_dtypes(cfg))
         self.shortcut_bn = _bn(out, cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -283,7 +283,7 @@ class Head(nnx.Module):
 
     def __init__(self, in_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.slope = cfg.leaky_slope
-        self.conv = PointwiseConv(in_features, cfg.num_classes, rngs=rngs, **_dtypes(cfg))
+        self.conv = PointwiseConv(in_features, cfg.num_classes, impl=cfg.depthwise_impl, rngs=rngs, **_dtypes(cfg))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return leaky_relu(self.conv(x), self.slope)

@@ -13,6 +13,7 @@ from crnet_jax.depthwise import (
     separable_conv2d_into,
     stop_shortcut_gradient,
 )
+from crnet_jax.pointwise import pointwise_conv
 
 
 def he_truncated_normal(fan_in: int) -> nnx.Initializer:
@@ -129,7 +130,9 @@ def separable_fanout(convs: list[SeparableAtrousConv], x: jax.Array,
 
 
 class PointwiseConv(nnx.Module):
-    """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,)."""
+    """Keras Conv2D with a 1 x 1 kernel and bias. Parameters: kernel (Cin, Cout), bias (Cout,).
+    impl: "ffi" (or "auto" where it is the default) takes the backward in one C++ pass
+    (`crnet_jax.pointwise`)."""
 
     def __init__(
         self,
@@ -138,15 +141,17 @@ class PointwiseConv(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
+        self.impl = impl
         self.kernel = nnx.Param(he_truncated_normal(in_features)(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y + self.bias[...].astype(self.dtype)
+        """x (B, H, W, Cin) -> (B, H, W, Cout) in self.dtype."""
+        return pointwise_conv(x.astype(self.dtype), self.kernel[...], self.bias[...], self.impl)
 
 
 def batch_norm(features: int, *, momentum: float, epsilon: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:

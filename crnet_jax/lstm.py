@@ -578,7 +578,7 @@ class LSTMResBlock(nnx.Module):
         self.recurrent_dropout = recurrent_dropout
         self.unroll = unroll
         self.deterministic = False
-        self.conv = PointwiseConv(in_features, nc, rngs=rngs, **dtypes)
+        self.conv = PointwiseConv(in_features, nc, impl=cfg.depthwise_impl, rngs=rngs, **dtypes)
         self.rows = BidirectionalConvLSTM(1, 1, (3, nc), param_dtype=dtypes["param_dtype"], rngs=rngs)
         self.cols = BidirectionalConvLSTM(1, 1, (3, nc), param_dtype=dtypes["param_dtype"], rngs=rngs)
         self.rngs = rngs["dropout"].fork()

@@ -39,6 +39,9 @@
 //                          convolution followed by a BatchNorm on batch statistics
 //   crnet_pointwise_bn_dx   (g, a (L,C), x, m (C,C), c (C)) -> dx (N,H,W,C) =
 //                          g @ a + x @ m + c: that backward's input gradient
+//   crnet_pointwise_bwd     (x (N,H,W,C), g (N,H,W,L), kT (L,C)) -> dx (N,H,W,C) = g @ kT,
+//                          x^T g (C,L), sum g (L): the backward of a 1 x 1 convolution
+//                          (the head's, L = 2) in one pass
 // The separable targets fuse depthwise + pointwise + bias and, with preact = 1, a
 // prologue x0 = LeakyReLU(a x + b, slope) on their input (a BatchNorm + LeakyReLU); the
 // backward recomputes x0, the depthwise output and dout @ wpw^T on the fly instead of
@@ -931,6 +934,45 @@ ffi::Error PointwiseBnDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi:
   return ffi::Error::Success();
 }
 
+// The backward of y = x @ k + bias (few output channels, the head), one pass:
+//   x (N,H,W,C), g (N,H,W,L), kT (L,C) -> dx (N,H,W,C) = g @ kT, xg (C,L) = x^T g,
+//   gs (L) = sum g. Attributes: isa, threads.
+ffi::Error PointwiseBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                            ffi::Buffer<ffi::F32> kT, ffi::ResultBuffer<ffi::F32> dx,
+                            ffi::ResultBuffer<ffi::F32> xg, ffi::ResultBuffer<ffi::F32> gs, int64_t isa,
+                            int64_t threads) {
+  const auto xd = x.dimensions(), gd = g.dimensions(), kd = kT.dimensions();
+  if (auto e = check_pixel_pair(xd, gd); e.failure()) return e;
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3], L = gd[3];
+  if (kd.size() != 2 || kd[0] != L || kd[1] != C) return ffi::Error::InvalidArgument("kT must be (L, C)");
+  const Plan pl = make_plan(pool, isa, threads, N, H, double(N) * H * W * C * L, 8);
+  const int64_t units = N * pl.bands;
+  const int64_t width = C * L + L;  // one unit's partial sums
+  std::vector<float> part(static_cast<size_t>(units * width), 0.f);
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  const float* kp = kT.typed_data();
+  float* dp = dx->typed_data();
+  float* pp = part.data();
+  // rows of 64-byte multiples from a 64-byte aligned base: non-temporal stores (dx is
+  // large and read only by a later kernel)
+  const bool nt = reinterpret_cast<uintptr_t>(dp) % 64 == 0 && (C * sizeof(float)) % 64 == 0;
+  parallel_for(pool, pl.threads, units, [=](int64_t unit) {
+    const int64_t img = unit / pl.bands, bnd = unit % pl.bands;
+    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    if (i1 <= i0) return;
+    float* u = pp + unit * width;
+    const int64_t p0 = (img * H + i0) * W;
+    crnet_dw::pw_bwd(pl.isa, xp + p0 * C, gp + p0 * L, kp, (i1 - i0) * W, C, L, dp + p0 * C, u, u + C * L, nt);
+    if (nt) crnet_dw::sfence();
+  });
+  std::vector<float> total(static_cast<size_t>(width));
+  reduce_partials(pp, units, width, 1, total.data());
+  std::copy(total.begin(), total.begin() + C * L, xg->typed_data());
+  std::copy(total.begin() + C * L, total.end(), gs->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define CRNET_ATTRS .Attr<int64_t>("dilation").Attr<int64_t>("isa").Attr<int64_t>("threads")
@@ -1145,6 +1187,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetPointwiseBnDx, PointwiseBnDxImpl,
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrnetPointwiseBwd, PointwiseBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buf>()  // x (N, H, W, C)
+                                  .Arg<F32Buf>()  // g (N, H, W, L)
+                                  .Arg<F32Buf>()  // kT (L, C)
+                                  .Ret<F32Buf>()  // dx (N, H, W, C)
+                                  .Ret<F32Buf>()  // xg (C, L)
+                                  .Ret<F32Buf>()  // gs (L)
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
 // ------------------------------------------------------------------------------------
 // Python module: registrations() -> {target name: PyCapsule}, abi_version() -> int,
 // source_digest() -> str, best_isa() -> int.
@@ -1172,7 +1226,8 @@ static PyObject* py_registrations(PyObject*, PyObject*) {
       !add("crnet_block_infer", reinterpret_cast<void*>(CrnetBlockInfer)) ||
       !add("crnet_fanout_fwd_stats", reinterpret_cast<void*>(CrnetFanoutFwdStats)) ||
       !add("crnet_pointwise_bn_sums", reinterpret_cast<void*>(CrnetPointwiseBnSums)) ||
-      !add("crnet_pointwise_bn_dx", reinterpret_cast<void*>(CrnetPointwiseBnDx))) {
+      !add("crnet_pointwise_bn_dx", reinterpret_cast<void*>(CrnetPointwiseBnDx)) ||
+      !add("crnet_pointwise_bwd", reinterpret_cast<void*>(CrnetPointwiseBwd))) {
     Py_DECREF(d);
     return nullptr;
   }

@@ -92,6 +92,11 @@ void pw_bn_dx(int isa, const float* g, const float* a, const float* x, const flo
   CRNET_ISA_CALL(pw_bn_dx, g, a, x, m, c, out, n, C, L);
 }
 
+void pw_bwd(int isa, const float* x, const float* g, const float* kT, int64_t n, int64_t C, int64_t L,
+            float* dx, float* xg, float* gs, bool nt) {
+  CRNET_ISA_CALL(pw_bwd, x, g, kT, n, C, L, dx, xg, gs, nt);
+}
+
 void sfence() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_sfence();

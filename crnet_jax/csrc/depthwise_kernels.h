@@ -184,6 +184,12 @@ void pw_bn_sums(int isa, const float* x, const float* g, int64_t n, int64_t C, i
 void pw_bn_dx(int isa, const float* g, const float* a, const float* x, const float* m, const float* c,
               float* out, int64_t n, int64_t C, int64_t L);
 
+// The backward of a 1 x 1 convolution with few output channels (the head) over n pixels:
+// dx (n, C) = g (n, L) @ kT (L, C), xg (C, L) += x^T g, gs (L) += sum g. nt: dx rows are
+// 64-byte aligned and may be written with non-temporal stores.
+void pw_bwd(int isa, const float* x, const float* g, const float* kT, int64_t n, int64_t C, int64_t L,
+            float* dx, float* xg, float* gs, bool nt);
+
 // Store fence after non-temporal stores (no-op where not needed).
 void sfence();
 

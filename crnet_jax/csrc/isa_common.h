@@ -40,4 +40,6 @@
                   float*, float*);                                                           \
   void pw_bn_dx(const float*, const float*, const float*, const float*, const float*,        \
                 float*, int64_t, int64_t, int64_t);                                          \
+  void pw_bwd(const float*, const float*, const float*, int64_t, int64_t, int64_t, float*,   \
+              float*, float*, bool);                                                         \
   }
