@@ -131,7 +131,10 @@ def append_results(title: str, table: str, notes: str = "", command: str | None 
     and the command to RESULTS.md."""
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nMeasured figures only; each section names its machine, command and date.\n")
-    command = command or "python -m " + " ".join([pathlib.Path(sys.argv[0]).stem] + sys.argv[1:])
+    if command is None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # set under python -m
+        module = spec.name if spec is not None else pathlib.Path(sys.argv[0]).stem
+        command = "python -m " + " ".join([module] + sys.argv[1:])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = machine or machine_description()
     section = f"\n## {title}\n\n- Date: {when}\n- Machine: {machine}\n- Command: `{command}`\n\n{table}\n"
