@@ -171,7 +171,7 @@ def _spatial_dropout(dropout: nnx.Dropout, y: jax.Array, sums):
     dropout(y) draws, drawn as dropout(ones (B, 1, 1, C)) (same key, same shape),
     multiplies y (`_masked`: the product is materialised once, whatever the
     implementation) and the sums (its square the sums of squares)."""
-    if dropout.deterministic or not 0.0 < dropout.rate < 1.0 or y.size == 0:
+    if dropout.deterministic or dropout.rate == 0.0 or y.size == 0:
         return dropout(y), sums
     b, c = y.shape[0], y.shape[-1]
     mask = lax.stop_gradient(dropout(jnp.ones((b, 1, 1, c), y.dtype)))

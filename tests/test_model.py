@@ -203,7 +203,7 @@ def test_batchnorm_updates_statistics_in_training_only():
     assert np.abs(m1 - m0).max() > 0
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.3, 1.0])
 def test_moments_from_the_previous_blocks_sums(dropout):
     """In training with the C++ kernels a CONV RES block's pre-activation moments come from
     the per-image sums the previous block's kernels take as they write its output (scaled
