@@ -860,6 +860,18 @@ ffi::Error FanoutFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
 }
 
 // x (N, H, W, C) and g (N, H, W, L): the same pixels, any channel counts.
+// Runs fn(unit, p0, n) for the (image, band of rows) units of plan pl over images (H, W):
+// p0 is the band's first pixel counted over the whole batch, n its number of pixels. For
+// the pointwise targets, whose bands are contiguous pixel runs.
+template <class F>
+void for_pixel_bands(ffi::ThreadPool& pool, const Plan& pl, int64_t N, int64_t H, int64_t W, F fn) {
+  parallel_for(pool, pl.threads, N * pl.bands, [=](int64_t unit) {
+    const int64_t img = unit / pl.bands, bnd = unit % pl.bands;
+    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
+    if (i1 > i0) fn(unit, (img * H + i0) * W, (i1 - i0) * W);
+  });
+}
+
 ffi::Error check_pixel_pair(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> gd) {
   if (xd.size() != 4 || gd.size() != 4 || !std::equal(xd.begin(), xd.end() - 1, gd.begin()))
     return ffi::Error::InvalidArgument("x and g must be (N, H, W, C) and (N, H, W, L)");
@@ -883,14 +895,10 @@ ffi::Error PointwiseBnSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const float* xp = x.typed_data();
   const float* gp = g.typed_data();
   float* pp = part.data();
-  parallel_for(pool, pl.threads, units, [=](int64_t unit) {
-    const int64_t img = unit / pl.bands, bnd = unit % pl.bands;
-    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    if (i1 <= i0) return;
+  for_pixel_bands(pool, pl, N, H, W, [=](int64_t unit, int64_t p0, int64_t n) {
     float* u = pp + unit * width;
-    const int64_t p0 = (img * H + i0) * W;
-    crnet_dw::pw_bn_sums(pl.isa, xp + p0 * C, gp + p0 * L, (i1 - i0) * W, C, L, u, u + C * L,
-                         u + C * L + L, u + C * L + L + C * C);
+    crnet_dw::pw_bn_sums(pl.isa, xp + p0 * C, gp + p0 * L, n, C, L, u, u + C * L, u + C * L + L,
+                         u + C * L + L + C * C);
   });
   std::vector<float> total(static_cast<size_t>(width));
   reduce_partials(pp, units, width, 1, total.data());
@@ -924,12 +932,8 @@ ffi::Error PointwiseBnDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi:
   const float* mp = m.typed_data();
   const float* cp = c.typed_data();
   float* dp = dx->typed_data();
-  parallel_for(pool, pl.threads, N * pl.bands, [=](int64_t unit) {
-    const int64_t img = unit / pl.bands, bnd = unit % pl.bands;
-    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    if (i1 <= i0) return;
-    const int64_t p0 = (img * H + i0) * W;
-    crnet_dw::pw_bn_dx(pl.isa, gp + p0 * L, ap, xp + p0 * C, mp, cp, dp + p0 * C, (i1 - i0) * W, C, L);
+  for_pixel_bands(pool, pl, N, H, W, [=](int64_t, int64_t p0, int64_t n) {
+    crnet_dw::pw_bn_dx(pl.isa, gp + p0 * L, ap, xp + p0 * C, mp, cp, dp + p0 * C, n, C, L);
   });
   return ffi::Error::Success();
 }
@@ -957,13 +961,9 @@ ffi::Error PointwiseBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   // rows of 64-byte multiples from a 64-byte aligned base: non-temporal stores (dx is
   // large and read only by a later kernel)
   const bool nt = reinterpret_cast<uintptr_t>(dp) % 64 == 0 && (C * sizeof(float)) % 64 == 0;
-  parallel_for(pool, pl.threads, units, [=](int64_t unit) {
-    const int64_t img = unit / pl.bands, bnd = unit % pl.bands;
-    const int64_t i0 = bnd * pl.rows, i1 = std::min(H, i0 + pl.rows);
-    if (i1 <= i0) return;
+  for_pixel_bands(pool, pl, N, H, W, [=](int64_t unit, int64_t p0, int64_t n) {
     float* u = pp + unit * width;
-    const int64_t p0 = (img * H + i0) * W;
-    crnet_dw::pw_bwd(pl.isa, xp + p0 * C, gp + p0 * L, kp, (i1 - i0) * W, C, L, dp + p0 * C, u, u + C * L, nt);
+    crnet_dw::pw_bwd(pl.isa, xp + p0 * C, gp + p0 * L, kp, n, C, L, dp + p0 * C, u, u + C * L, nt);
     if (nt) crnet_dw::sfence();
   });
   std::vector<float> total(static_cast<size_t>(width));
