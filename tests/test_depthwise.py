@@ -17,19 +17,13 @@ import pytest
 
 from crnet_jax import _ffi
 from crnet_jax import depthwise as dw
+from isa_helpers import require_isa, use_isa
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 needs_ffi = pytest.mark.skipif(
     not _ffi.available(), reason=f"C++ FFI extension not built: {_ffi.unavailable_reason()}"
 )
-
-
-def _isas() -> list[str]:
-    if not _ffi.available():
-        return []
-    order = ["baseline", "avx2", "avx512"]
-    return order[: order.index(_ffi.best_isa()) + 1]
 
 
 # (impl, isa): the pure-JAX fallback, and the C++ kernels on every instruction set this CPU runs.
@@ -41,8 +35,7 @@ IMPLS = [pytest.param(("shift", None), id="shift")] + [
 def _conv(impl_isa, x, w, d):
     impl, isa = impl_isa
     if impl == "ffi":
-        if isa not in _isas():
-            pytest.skip(f"this CPU does not run {isa}")
+        require_isa(isa)
         return dw.depthwise_conv2d_ffi(x, w, d, isa=isa)
     return dw.depthwise_conv2d(x, w, d, impl)
 
@@ -323,9 +316,7 @@ def test_separable_prologue_matches_reference(impl, b, h, w_, cin, cout, k, d):
 def test_separable_prologue_other_instruction_sets(isa, case, monkeypatch):
     """The separable kernels compiled for the narrower instruction sets (8 and 4 float lanes
     per vector) against the same reference, on channel-specialised cases."""
-    if isa not in _isas():
-        pytest.skip(f"this CPU does not run {isa}")
-    monkeypatch.setenv("CRNET_DEPTHWISE_ISA", isa)
+    use_isa(isa, monkeypatch)
     test_separable_prologue_matches_reference("ffi", *case)
 
 
@@ -442,8 +433,7 @@ def test_separable_backward_adds_moments_cotangent(isa, case):
     BatchNorm moments reads its output gradient as dout + c1 + c2 * y; equal to the plain
     backward given that sum, written or accumulated into dx, directly, under vmap with
     shared c1, c2 (folded into the batch) and with per-element ones (the sum formed by XLA)."""
-    if isa not in _isas():
-        pytest.skip(f"this CPU does not run {isa}")
+    require_isa(isa)
     b, h, w_, cin, cout, k, d, pre = case
     keys = np.random.default_rng(11 + cin + k)
     x = _rand(keys, (b, h, w_, cin))
@@ -613,9 +603,7 @@ def test_separable_fanout_with_shortcut_sharded():
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_separable_fanout_and_into_other_instruction_sets(isa, monkeypatch):
     """The slice and accumulation paths compiled for 8 and 4 float lanes per vector."""
-    if isa not in _isas():
-        pytest.skip(f"this CPU does not run {isa}")
-    monkeypatch.setenv("CRNET_DEPTHWISE_ISA", isa)
+    use_isa(isa, monkeypatch)
     for case in SLICE_CASES:
         test_separable_fanout_and_into_match_composition("ffi", case)
         test_separable_into_sums("ffi", case)

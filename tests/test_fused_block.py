@@ -25,14 +25,10 @@ from crnet_jax.fused_block import (
     residual_block_inference_reference,
 )
 from crnet_jax.model import ResCRNet
+from isa_helpers import require_isa
 
 pytestmark = pytest.mark.skipif(
     not _ffi.available(), reason=f"C++ FFI extension not built: {_ffi.unavailable_reason()}")
-
-
-def _isas() -> list[str]:
-    order = ["baseline", "avx2", "avx512"]
-    return order[: order.index(_ffi.best_isa()) + 1]
 
 
 def _block(rng: np.random.Generator, c: int, f: int, kds, prologue: bool):
@@ -92,8 +88,7 @@ def test_fused_block_matches_layers(case, prologue):
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_fused_block_other_instruction_sets(isa):
     """The block compiled for 4 and 8 float lanes per vector."""
-    if isa not in _isas():
-        pytest.skip(f"this CPU does not run {isa}")
+    require_isa(isa)
     rng = np.random.default_rng(3)
     for b, h, w, c, f, kds in (CASES[0], CASES[4]):
         branches, dilations, sk, sb, pro = _block(rng, c, f, kds, True)

@@ -8,6 +8,7 @@ import pytest
 
 from crnet_jax import _ffi
 from crnet_jax.pointwise import pointwise_conv
+from isa_helpers import use_isa
 
 needs_ffi = pytest.mark.skipif(not _ffi.available(), reason=f"C++ kernels not built: {_ffi.unavailable_reason()}")
 
@@ -54,11 +55,7 @@ def test_values_and_gradients_match_autodiff(impl, shape, c, l):
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_ffi_other_instruction_sets(isa, monkeypatch):
     """The kernels compiled for 4 and 8 float lanes per vector (AVX-512 is the default here)."""
-    order = ["baseline", "avx2", "avx512"]
-    if order.index(isa) > order.index(_ffi.best_isa()):
-        pytest.skip(f"this CPU does not run {isa}")
-    monkeypatch.setenv("CRNET_DEPTHWISE_ISA", isa)
-    jax.clear_caches()  # the instruction set is read when a call is traced
+    use_isa(isa, monkeypatch)
     for case in [((3, 9, 10), 48, 2), ((2, 7, 5), 64, 4), ((3, 4, 5), 5, 7)]:
         _check("ffi", *case)
 
