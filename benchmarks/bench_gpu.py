@@ -16,14 +16,13 @@ section to RESULTS.md unless --no-record.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
 import sys
-import time
 
-from benchmarks.common import append_results, format_table, gib, run_json_subprocess
+from benchmarks.common import (append_results, format_table, gib, median, results_section, run_json_subprocess,
+                               time_calls)
 
 TITLE = "Accelerator: training step and inference, lung network (bench_gpu.py)"
 # (mode, batch, dtype, depthwise implementation); 300 x 340 unless --smoke
@@ -44,14 +43,8 @@ def probe_bandwidth(n_bytes: int) -> dict:
 
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     copy = jax.jit(lambda a: a + 1.0)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return {"copy_bytes_per_s": 2 * n_bytes / times[len(times) // 2], "platform": jax.devices()[0].platform}
+    times = time_calls(lambda: copy(x).block_until_ready(), steps=10, warmup=1)
+    return {"copy_bytes_per_s": 2 * n_bytes / median(times), "platform": jax.devices()[0].platform}
 
 
 def _row(r: dict, bandwidth: float | None) -> list:
@@ -123,12 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     print(notes)
     command = "python -m benchmarks.bench_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = next((r["machine"] for r in results if "machine" in r), "unknown (every configuration failed)")
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    (out / "gpu_section.md").write_text(
-        f"## {TITLE}\n\n- Date: {when}\n- Machine: {machine}\n- Command: `{command}`\n\n{table}\n\n{notes}\n")
+    (out / "gpu_section.md").write_text(results_section(TITLE, table, notes, command, machine).lstrip())
     if not args.no_record and not args.smoke:
         append_results(TITLE, table, notes, command=command, machine=machine)
-
 
 if __name__ == "__main__":
     main()

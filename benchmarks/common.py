@@ -125,12 +125,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def append_results(title: str, table: str, notes: str = "", command: str | None = None,
-                   machine: str | None = None) -> None:
-    """Append a dated section with the machine description (this process's unless given)
-    and the command to RESULTS.md."""
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nMeasured figures only; each section names its machine, command and date.\n")
+def results_section(title: str, table: str, notes: str = "", command: str | None = None,
+                    machine: str | None = None) -> str:
+    """A dated RESULTS.md section: title, date, machine (this process's unless given), the
+    command (this process's unless given), the table and notes."""
     if command is None:
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # set under python -m
         module = spec.name if spec is not None else pathlib.Path(sys.argv[0]).stem
@@ -140,5 +138,13 @@ def append_results(title: str, table: str, notes: str = "", command: str | None 
     section = f"\n## {title}\n\n- Date: {when}\n- Machine: {machine}\n- Command: `{command}`\n\n{table}\n"
     if notes:
         section += f"\n{notes.strip()}\n"
+    return section
+
+
+def append_results(title: str, table: str, notes: str = "", command: str | None = None,
+                   machine: str | None = None) -> None:
+    """Append `results_section(...)` to RESULTS.md."""
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nMeasured figures only; each section names its machine, command and date.\n")
     with RESULTS.open("a") as f:
-        f.write(section)
+        f.write(results_section(title, table, notes, command, machine))
